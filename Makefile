@@ -1,0 +1,39 @@
+# The README's commands. Each target creates or reuses .venv by itself.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+HOME_DIR ?= $(CURDIR)/.retinaops
+
+.PHONY: venv test test-fast lint bench demo clean
+
+venv: $(STAMP)
+
+# Reinstall when the project's dependencies change. pip takes torch/torchvision from local disk.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
+	$(PY) -m pip install --quiet -e ".[platform,test]"
+	@touch $(STAMP)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check retinanet platform tests benchmarks
+	$(VENV)/bin/ruff format --check retinanet platform tests benchmarks
+
+# The whole suite, integration tests included. pytest exits 5 when it collected nothing: that fails too.
+test: lint
+	$(PY) -m pytest tests
+
+# Unit tests only: the inner loop.
+test-fast: $(STAMP)
+	$(PY) -m pytest tests/unit -m "not slow and not integration"
+
+bench: $(STAMP)
+	$(PY) -m benchmarks.run --out benchmarks/RESULTS.md
+
+demo: $(STAMP)
+	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops demo
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,173 @@
+"""Model files: one file with config + weights, loaded with weights_only=True; torchvision import."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torchvision.ops import FrozenBatchNorm2d
+
+from retinanet.config import RetinaNetConfig
+
+logger = logging.getLogger(__name__)
+
+FORMAT = "retinanet-platform/model/1"
+_TV_HEAD_KEYS = {
+    "head.classification_head.conv.": "head.cls_subnet.",
+    "head.classification_head.cls_logits.": "head.cls_logits.",
+    "head.regression_head.conv.": "head.bbox_subnet.",
+    "head.regression_head.bbox_reg.": "head.bbox_pred.",
+}
+# Buffers of ours that torchvision's model has no counterpart for.
+_OWN_ONLY = {"loss.num_fg_ema"}
+
+
+def save_model(model, path: str | Path, **extra: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra,
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # never leave a half-written model file under the real name
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """The raw payload of a model file, validated; clear errors for missing, truncated or foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such model file")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:  # truncated zip, pickle with code, plain garbage: all refused
+        raise ValueError(f"{path}: not a readable model file ({type(exc).__name__}: {exc})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ValueError(f"{path}: not a retinanet-platform model file (expected format {FORMAT!r})")
+    return payload
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
+    from retinanet.model import RetinaNet
+
+    payload = read_checkpoint(path, map_location)
+    try:
+        config = RetinaNetConfig.from_dict(payload["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{path}: its config is invalid: {exc}") from exc
+    # The weights are in the file: do not read backbone_weights again (it may not exist here).
+    config = config.replace(backbone_weights=None, backbone_norm=_effective_norm(config))
+    model = RetinaNet(config)
+    result = model.load_state_dict(payload["state_dict"], strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        problem = (result.missing_keys or result.unexpected_keys)[0]
+        raise ValueError(
+            f"{path}: weights do not fit its config ({len(result.missing_keys)} missing, "
+            f"{len(result.unexpected_keys)} unexpected, first: {problem})"
+        )
+    return model.to(map_location)
+
+
+def _effective_norm(config: RetinaNetConfig) -> str:
+    if config.backbone_norm != "auto":
+        return config.backbone_norm
+    return "frozen" if config.backbone_weights is not None else "batch"
+
+
+def _tv_backbone_depth(body: nn.Module) -> str:
+    from torchvision.models.resnet import BasicBlock
+
+    basic = isinstance(body.layer1[0], BasicBlock)
+    depths = {(True, 2): "resnet18", (True, 6): "resnet34", (False, 6): "resnet50", (False, 23): "resnet101"}
+    key = (basic, len(body.layer3))
+    if key not in depths:
+        raise ValueError(
+            f"from_torchvision: unsupported ResNet body ({'basic' if basic else 'bottleneck'}, {key[1]})"
+        )
+    return depths[key]
+
+
+def _tv_anchor_settings(generator) -> dict[str, Any]:
+    sizes, ratios = generator.sizes, generator.aspect_ratios
+    if len(sizes) != 5 or any(tuple(r) != tuple(ratios[0]) for r in ratios):
+        raise ValueError("from_torchvision: expected 5 levels sharing one set of aspect ratios")
+    base = [float(level[0]) for level in sizes]
+    for scales in ((1.0, 2 ** (1 / 3), 2 ** (2 / 3)), tuple(s / sizes[0][0] for s in sizes[0])):
+        if all(
+            tuple(int(b * s) for s in scales) == tuple(level) for b, level in zip(base, sizes, strict=True)
+        ):
+            return {
+                "anchor_sizes": tuple(base),
+                "anchor_scales": scales,
+                "anchor_aspect_ratios": tuple(float(r) for r in ratios[0]),
+                "anchor_rounding": "torchvision",
+            }
+    raise ValueError(f"from_torchvision: anchor sizes {sizes} are not one base size times shared scales")
+
+
+def from_torchvision(tv_model: nn.Module, **overrides: Any):
+    """Our RetinaNet with a torchvision RetinaNet's weights, resize, matcher, loss and inference settings."""
+    from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
+
+    from retinanet.model import RetinaNet
+
+    if not isinstance(tv_model, TorchvisionRetinaNet):
+        raise TypeError(f"from_torchvision: expected a torchvision RetinaNet, got {type(tv_model).__name__}")
+    body, head = tv_model.backbone.body, tv_model.head
+    stages = ["layer4", "layer3", "layer2", "layer1", "conv1"]
+    trainable = sum(any(p.requires_grad for p in getattr(body, s).parameters()) for s in stages)
+    cls_head = head.classification_head
+    first_conv = cls_head.conv[0]
+    transform, matcher = tv_model.transform, tv_model.proposal_matcher
+    fields: dict[str, Any] = {
+        "backbone": _tv_backbone_depth(body),
+        "num_classes": cls_head.num_classes,
+        "backbone_norm": "frozen" if isinstance(body.bn1, FrozenBatchNorm2d) else "batch",
+        "trainable_backbone_layers": trainable,
+        "fpn_channels": tv_model.backbone.out_channels,
+        "p6_from": "p5" if tv_model.backbone.fpn.extra_blocks.use_P5 else "c5",
+        **_tv_anchor_settings(tv_model.anchor_generator),
+        "head_num_convs": len(cls_head.conv),
+        "head_norm": "group_norm" if isinstance(first_conv[1], nn.GroupNorm) else "none",
+        "prior_probability": 1 / (1 + math.exp(-float(cls_head.cls_logits.bias[0].detach()))),
+        "box_loss": head.regression_head._loss_type,
+        "smooth_l1_beta": 1.0,  # torchvision's smooth_l1 default
+        "box_weights": tuple(float(w) for w in tv_model.box_coder.weights),
+        "fg_iou_thresh": float(matcher.high_threshold),
+        "bg_iou_thresh": float(matcher.low_threshold),
+        "allow_low_quality_matches": bool(matcher.allow_low_quality_matches),
+        "loss_normalizer": "per_image",
+        "score_thresh": float(tv_model.score_thresh),
+        "topk_candidates": int(tv_model.topk_candidates),
+        "nms_thresh": float(tv_model.nms_thresh),
+        "detections_per_img": int(tv_model.detections_per_img),
+        "min_size": int(transform.min_size[-1]),
+        "max_size": int(transform.max_size),
+        "image_mean": tuple(float(v) for v in transform.image_mean),
+        "image_std": tuple(float(v) for v in transform.image_std),
+    }
+    fields.update(overrides)
+    model = RetinaNet(RetinaNetConfig(**fields))
+    state = {}
+    for key, value in tv_model.state_dict().items():
+        for prefix, ours in _TV_HEAD_KEYS.items():
+            if key.startswith(prefix):
+                key = ours + key[len(prefix) :]
+                break
+        state[key] = value
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - _OWN_ONLY
+    if missing or result.unexpected_keys:
+        raise ValueError(
+            f"from_torchvision: weights do not map (missing {sorted(missing)[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]})"
+        )
+    model.train(tv_model.training)
+    return model

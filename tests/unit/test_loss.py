@@ -1,0 +1,131 @@
+"""Focal loss equals its formula; the batched loss equals a per-image reference."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from retinanet.loss import RetinaNetLoss, focal_loss_per_image, sigmoid_focal_loss
+from retinanet.matcher import IGNORE
+
+
+def _formula(x, t, alpha, gamma):
+    p = torch.sigmoid(x)
+    p_t = torch.where(t == 1, p, 1 - p)
+    a_t = 1.0 if alpha is None else torch.where(t == 1, alpha, 1 - alpha)
+    return -a_t * (1 - p_t) ** gamma * torch.log(p_t)
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 2.0), (0.5, 0.5), (0.25, 0.0)])
+def test_focal_loss_equals_the_per_element_formula(alpha, gamma):
+    x = torch.randn(6, 5, dtype=torch.float64)
+    t = (torch.rand(6, 5) > 0.7).double()
+    torch.testing.assert_close(sigmoid_focal_loss(x, t, alpha, gamma), _formula(x, t, alpha, gamma))
+
+
+def test_focal_loss_with_gamma_0_and_no_alpha_is_bce():
+    x = torch.randn(4, 7)
+    t = (torch.rand(4, 7) > 0.5).float()
+    torch.testing.assert_close(
+        sigmoid_focal_loss(x, t, None, 0.0), F.binary_cross_entropy_with_logits(x, t, reduction="none")
+    )
+
+
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.75, 1.5)])
+def test_focal_loss_without_one_hot_equals_the_dense_one(alpha, gamma):
+    logits = torch.randn(3, 50, 4, dtype=torch.float64) * 3
+    labels = torch.randint(-1, 4, (3, 50))
+    valid = torch.rand(3, 50) > 0.2
+    one_hot = F.one_hot(labels.clamp(min=0), 4).double() * (labels >= 0)[..., None]
+    dense = (sigmoid_focal_loss(logits, one_hot, alpha, gamma).sum(2) * valid).sum(1)
+    torch.testing.assert_close(focal_loss_per_image(logits, labels, valid, alpha, gamma), dense.float())
+
+
+def test_focal_loss_of_extreme_logits_is_finite_with_finite_gradients():
+    logits = torch.tensor([[[-200.0, 200.0], [80.0, -80.0]]], requires_grad=True)
+    labels = torch.tensor([[0, 1]])
+    loss = focal_loss_per_image(logits, labels, torch.ones(1, 2, dtype=torch.bool), 0.25, 2.0).sum()
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
+
+
+def _per_image_reference(cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels, alpha, gamma):
+    from retinanet.boxes import encode
+
+    cls, box = [], []
+    for n in range(len(matches)):  # the straightforward loop the batched code avoids
+        fg = matches[n] >= 0
+        target = torch.zeros_like(cls_logits[n])
+        target[fg, gt_labels[n][matches[n][fg]]] = 1.0
+        valid = matches[n] != IGNORE
+        num_fg = max(1, int(fg.sum()))
+        cls.append(sigmoid_focal_loss(cls_logits[n][valid], target[valid], alpha, gamma).sum() / num_fg)
+        deltas = encode(gt_boxes[n][matches[n][fg]], anchors[fg], (1.0, 1.0, 1.0, 1.0))
+        box.append((bbox_regression[n][fg] - deltas).abs().sum() / num_fg)
+    return torch.stack(cls).mean(), torch.stack(box).mean()
+
+
+def test_batched_loss_equals_a_per_image_reference():
+    n, a, c, g = 3, 40, 5, 4
+    xy = torch.rand(a, 2) * 50
+    anchors = torch.cat([xy, xy + torch.rand(a, 2) * 20 + 2], 1)
+    gt_xy = torch.rand(n, g, 2) * 50
+    gt_boxes = torch.cat([gt_xy, gt_xy + torch.rand(n, g, 2) * 20 + 2], 2)
+    gt_labels = torch.randint(0, c, (n, g))
+    matches = torch.randint(-2, g, (n, a))
+    matches[2] = -1  # an image with no foreground at all
+    cls_logits, bbox_regression = torch.randn(n, a, c), torch.randn(n, a, 4)
+    loss = RetinaNetLoss(
+        alpha=0.25,
+        gamma=2.0,
+        box_loss="l1",
+        box_weights=(1.0,) * 4,
+        smooth_l1_beta=0.1,
+        normalizer="per_image",
+    )
+    got = loss(cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels)
+    cls_ref, box_ref = _per_image_reference(
+        cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels, 0.25, 2.0
+    )
+    torch.testing.assert_close(got["classification"], cls_ref)
+    torch.testing.assert_close(got["bbox_regression"], box_ref)
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l1", "giou"])
+@pytest.mark.parametrize("normalizer", ["batch", "ema", "per_image"])
+def test_every_box_loss_and_normalizer_gives_finite_gradients_without_objects(kind, normalizer):
+    anchors = torch.tensor([[0.0, 0, 10, 10], [5, 5, 20, 20]])
+    gt_boxes = torch.zeros(2, 1, 4)
+    matches = torch.tensor([[-1, -1], [-1, -2]])
+    cls_logits = torch.randn(2, 2, 3, requires_grad=True)
+    bbox_regression = torch.randn(2, 2, 4, requires_grad=True)
+    loss = RetinaNetLoss(
+        alpha=0.25,
+        gamma=2.0,
+        box_loss=kind,
+        box_weights=(1.0,) * 4,
+        smooth_l1_beta=0.1,
+        normalizer=normalizer,
+    )
+    out = loss(cls_logits, bbox_regression, anchors, matches, gt_boxes, torch.zeros(2, 1, dtype=torch.int64))
+    sum(out.values()).backward()
+    assert out["bbox_regression"] == 0
+    assert torch.isfinite(cls_logits.grad).all() and torch.isfinite(bbox_regression.grad).all()
+
+
+def test_ema_normalizer_moves_towards_the_foreground_count_and_is_a_buffer():
+    loss = RetinaNetLoss(
+        alpha=0.25, gamma=2.0, box_loss="l1", box_weights=(1.0,) * 4, smooth_l1_beta=0.1, normalizer="ema"
+    )
+    anchors = torch.tensor([[0.0, 0, 10, 10]] * 10)
+    matches = torch.zeros(1, 10, dtype=torch.int64)  # 10 foreground anchors
+    gt = torch.tensor([[[0.0, 0, 10, 10]]])
+    loss(
+        torch.randn(1, 10, 2),
+        torch.randn(1, 10, 4),
+        anchors,
+        matches,
+        gt,
+        torch.zeros(1, 1, dtype=torch.int64),
+    )
+    assert loss.num_fg_ema.item() == pytest.approx(0.9 * 100 + 0.1 * 10)
+    assert "num_fg_ema" in loss.state_dict()
