@@ -105,10 +105,15 @@ def load_backbone_weights(backbone: ResNetFPN, path: str | Path) -> None:
     else:
         own = {k: v for k, v in state.items() if not k.startswith("fc.")}
         target = backbone.body
-    result = target.load_state_dict(own, strict=False)
-    if result.missing_keys:
+    expected = target.state_dict()
+    missing = [k for k in expected if k not in own]
+    misshaped = [k for k in own if k in expected and own[k].shape != expected[k].shape]
+    if missing or misshaped:
+        first = (missing or misshaped)[0]
         raise ValueError(
-            f"backbone_weights: {path} does not fit this backbone: {len(result.missing_keys)} weights missing "
-            f"(first: {result.missing_keys[0]}); expected a torchvision ResNet or RetinaNet state dict"
+            f"backbone_weights: {path} does not fit this backbone: {len(missing)} weights missing, "
+            f"{len(misshaped)} of another shape (first: {first}); expected a torchvision ResNet or RetinaNet "
+            f"state dict of the configured depth"
         )
+    target.load_state_dict(own, strict=False)
     logger.info("loaded backbone weights from %s (%d tensors)", path, len(own))

@@ -63,22 +63,24 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: its config is invalid: {exc}") from exc
     # The weights are in the file: do not read backbone_weights again (it may not exist here).
-    config = config.replace(backbone_weights=None, backbone_norm=_effective_norm(config))
-    model = RetinaNet(config)
-    result = model.load_state_dict(payload["state_dict"], strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        problem = (result.missing_keys or result.unexpected_keys)[0]
-        raise ValueError(
-            f"{path}: weights do not fit its config ({len(result.missing_keys)} missing, "
-            f"{len(result.unexpected_keys)} unexpected, first: {problem})"
-        )
+    model = RetinaNet(config, read_backbone_weights=False)
+    load_state_dict_checked(model, payload["state_dict"], f"{path}: weights do not fit its config")
     return model.to(map_location)
 
 
-def _effective_norm(config: RetinaNetConfig) -> str:
-    if config.backbone_norm != "auto":
-        return config.backbone_norm
-    return "frozen" if config.backbone_weights is not None else "batch"
+def load_state_dict_checked(module: nn.Module, state: dict[str, torch.Tensor], context: str) -> None:
+    """load_state_dict that reports missing, unexpected and mis-shaped weights as one ValueError."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    misshaped = [k for k in state if k in own and own[k].shape != state[k].shape]
+    if missing or unexpected or misshaped:
+        first = (missing or unexpected or misshaped)[0]
+        raise ValueError(
+            f"{context} ({len(missing)} missing, {len(unexpected)} unexpected, {len(misshaped)} of another "
+            f"shape; first: {first})"
+        )
+    module.load_state_dict(state)
 
 
 def _tv_backbone_depth(body: nn.Module) -> str:
@@ -162,12 +164,8 @@ def from_torchvision(tv_model: nn.Module, **overrides: Any):
                 key = ours + key[len(prefix) :]
                 break
         state[key] = value
-    result = model.load_state_dict(state, strict=False)
-    missing = set(result.missing_keys) - _OWN_ONLY
-    if missing or result.unexpected_keys:
-        raise ValueError(
-            f"from_torchvision: weights do not map (missing {sorted(missing)[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]})"
-        )
+    own = model.state_dict()
+    state.update({k: own[k] for k in _OWN_ONLY})
+    load_state_dict_checked(model, state, "from_torchvision: torchvision's weights do not map onto ours")
     model.train(tv_model.training)
     return model

@@ -71,9 +71,11 @@ def draw_detections(
         color = PALETTE[label % len(PALETTE)]
         draw.rectangle(box, outline=color, width=2)
         text = f"{label_name(class_names, label)} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((box[0], box[1]), text, font=font)
-        # Put the label above the box, or inside it when the box touches the top edge.
-        shift = bottom - top + 2 if box[1] - (bottom - top) - 2 >= 0 else 0
-        draw.rectangle((left, top - shift, right + 2, bottom - shift), fill=color)
-        draw.text((box[0] + 1, box[1] - shift), text, fill=(0, 0, 0), font=font)
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        text_w, text_h = right - left + 2, bottom - top + 2
+        # Above the box, or inside it when the box touches the top edge; never past the right edge.
+        x = max(0.0, min(box[0], canvas.width - text_w))
+        y = box[1] - text_h if box[1] >= text_h else box[1]
+        draw.rectangle((x, y, x + text_w, y + text_h), fill=color)
+        draw.text((x + 1 - left, y + 1 - top), text, fill=(0, 0, 0), font=font)
     return canvas

@@ -61,7 +61,9 @@ class RetinaNet(nn.Module):
         "scores": (K,) in (score_thresh, 1], "labels": (K,) int64}, best first, K <= detections_per_img.
     """
 
-    def __init__(self, config: RetinaNetConfig) -> None:
+    def __init__(self, config: RetinaNetConfig, *, read_backbone_weights: bool = True) -> None:
+        """read_backbone_weights=False builds the layout that config.backbone_weights implies (frozen
+        BatchNorm, trainable stages) without reading the file: for loading a model file."""
         super().__init__()
         if not isinstance(config, RetinaNetConfig):
             raise TypeError(f"RetinaNet: expected a RetinaNetConfig, got {type(config).__name__}")
@@ -78,7 +80,7 @@ class RetinaNet(nn.Module):
             frozen_bn=frozen_bn,
             trainable_layers=trainable,
         )
-        if has_weights:
+        if has_weights and read_backbone_weights:
             load_backbone_weights(self.backbone, config.backbone_weights)
         self.anchor_generator = AnchorGenerator(
             config.anchor_sizes,
