@@ -1,0 +1,379 @@
+"""The Ray Train worker loop: DDP training, distributed COCO evaluation, latency, checkpoints, resume.
+
+Every rank calls `ray.train.report` once per epoch with the same metrics (rank 0's, broadcast);
+only rank 0 attaches a checkpoint. Workers talk to torch, the data and storage only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from retinanet import RetinaNet, RetinaNetConfig
+from retinanet.data import CocoDataset, RandomHorizontalFlip, collate
+from retinanet.evaluate import coco_eval, measure_latency, to_coco_results
+from retinaops.spec import JobSpec
+from retinaops.storage import materialize
+
+logger = logging.getLogger(__name__)
+
+STATE_FILE = "state.pt"
+MODEL_FILE = "model.pt"
+EVAL_FILE = "eval.json"
+PREDICTIONS_FILE = "predictions.json"
+MANIFEST_FILE = "manifest.json"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many non-finite losses in a row: the run cannot recover by skipping steps."""
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def lr_factor(it: int, *, spec: JobSpec, iters_per_epoch: int) -> float:
+    """Multiplier of the effective LR at iteration `it`: warm-up, then the step or cosine schedule."""
+    t = spec.train
+    total = max(1, t.epochs * iters_per_epoch)
+    if t.schedule == "step":
+        epoch = it // max(1, iters_per_epoch)
+        factor = t.lr_gamma ** sum(epoch >= m for m in t.milestones)
+    elif t.schedule == "cosine":
+        factor = 0.5 * (1 + math.cos(math.pi * min(it, total) / total))
+    else:
+        factor = 1.0
+    if it < t.warmup_iters:
+        alpha = it / t.warmup_iters
+        factor *= t.warmup_factor * (1 - alpha) + alpha
+    return factor
+
+
+def _amp_settings(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | None, bool]:
+    """(autocast dtype or None, use a grad scaler). The CPU path stays fp32."""
+    if device.type != "cuda" or spec.train.amp == "off":
+        return None, False
+    amp = spec.train.amp
+    if amp == "auto":
+        amp = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return (torch.bfloat16, False) if amp == "bf16" else (torch.float16, True)
+
+
+def load_datasets(spec: JobSpec, data: dict[str, str], cache_dir: str, endpoint: str | None):
+    """Train and val datasets from resolved locations (local, or s3:// copied into cache_dir)."""
+    local = {k: str(materialize(v, cache_dir, endpoint)) for k, v in data.items()}
+    flip = RandomHorizontalFlip(spec.data.hflip) if spec.data.hflip > 0 else None
+    train = CocoDataset(local["train_annotations"], local["train_images"], transform=flip, check_images=False)
+    val = CocoDataset(local["val_annotations"], local["val_images"], check_images=False)
+    return train, val
+
+
+def evaluate_distributed(
+    model: RetinaNet,
+    dataset: CocoDataset,
+    *,
+    rank: int,
+    world: int,
+    batch_size: int,
+    device: torch.device,
+    max_images: int | None,
+):
+    """Each rank predicts its shard (every world-th image); rank 0 gathers and runs pycocotools."""
+    indices = list(range(len(dataset)))[: max_images or None]
+    shard = torch.utils.data.Subset(dataset, indices[rank::world])
+    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate)
+    results: list[dict] = []
+    model.eval()
+    with torch.inference_mode():
+        for images, targets in loader:
+            detections = model([img.to(device) for img in images])
+            detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
+            results += to_coco_results(detections, [t["image_id"] for t in targets], dataset.category_ids)
+    gathered: list[list[dict]] = [results]
+    if _distributed():
+        gathered = [None] * world  # type: ignore[list-item]
+        dist.all_gather_object(gathered, results)
+    if rank != 0:
+        return None, None, None
+    all_results = [r for part in gathered for r in part]
+    gt = dataset.coco
+    if max_images:
+        keep = {dataset.image_ids[i] for i in indices}
+        gt = {
+            **gt,
+            "images": [im for im in gt["images"] if im["id"] in keep],
+            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep],
+        }
+    metrics, precision = coco_eval(gt, all_results)
+    return metrics, precision, all_results
+
+
+def pr_curve(precision: np.ndarray | None) -> dict[str, list[float]]:
+    """Precision at 101 recall points, IoU 0.5 and 0.75, averaged over classes (all areas, 100 dets)."""
+    if precision is None or precision.size == 0:
+        return {}
+    out = {"recall": np.linspace(0, 1, 101).tolist()}
+    for name, iou_idx in (("iou50", 0), ("iou75", 5)):
+        p = precision[iou_idx, :, :, 0, -1]  # (101, C)
+        p = np.where(p < 0, np.nan, p)
+        with np.errstate(invalid="ignore"):
+            out[name] = np.nan_to_num(np.nanmean(p, axis=1), nan=0.0).tolist()
+    return out
+
+
+def _save_state(path: Path, model: RetinaNet, optimizer, scheduler, scaler, epoch: int, step: int) -> None:
+    state = {
+        "model": model.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "scaler": scaler.state_dict() if scaler is not None else {},
+        "epoch": epoch,
+        "step": step,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
+    }
+    torch.save(state, path)
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Size and SHA-256 of every file: a checkpoint is usable only when all of them match."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)} for p in sorted(directory.iterdir())
+    }
+    Path(directory, MANIFEST_FILE).write_text(json.dumps(files, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """ValueError naming the checkpoint and the files that are missing or differ from its manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE})")
+    expected = json.loads(manifest_path.read_text())
+    bad = [
+        name
+        for name, entry in expected.items()
+        if not (directory / name).is_file()
+        or (directory / name).stat().st_size != entry["size"]
+        or _file_digest(directory / name) != entry["sha256"]
+    ]
+    if bad:
+        raise ValueError(
+            f"{directory}: incomplete or corrupt checkpoint: {', '.join(bad)} missing or changed"
+        )
+
+
+def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, int]:
+    """Load a reported checkpoint after verifying it; returns (next epoch, global step)."""
+    with checkpoint.as_directory() as directory:
+        verify_checkpoint(directory)
+        state = torch.load(Path(directory, STATE_FILE), map_location="cpu", weights_only=True)
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if scaler is not None and state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    random.setstate(state["rng"]["python"])
+    return int(state["epoch"]) + 1, int(state["step"])
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """The function every Ray Train worker runs. config: spec, model (resolved), data, cache_dir, s3_endpoint."""
+    spec = JobSpec.from_dict(config["spec"])
+    t = spec.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    _seed_everything(t.seed * 1000 + rank)
+
+    train_ds, val_ds = load_datasets(spec, config["data"], config["cache_dir"], config.get("s3_endpoint"))
+    model = RetinaNet(RetinaNetConfig.from_dict(config["model"]))
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm that trains must agree
+    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    ddp_model = ray.train.torch.prepare_model(model)
+    net: RetinaNet = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+
+    loader = DataLoader(
+        train_ds,
+        batch_size=t.batch_size,
+        shuffle=True,
+        collate_fn=collate,
+        num_workers=spec.data.loader_workers,
+        drop_last=len(train_ds) >= t.batch_size * world,
+        persistent_workers=spec.data.loader_workers > 0,
+    )
+    loader = ray.train.torch.prepare_data_loader(loader)
+    iters_per_epoch = min(len(loader), t.max_steps_per_epoch or len(loader))
+    params = [p for p in net.parameters() if p.requires_grad]
+    lr = spec.effective_lr
+    if t.optimizer == "sgd":
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: lr_factor(it, spec=spec, iters_per_epoch=iters_per_epoch)
+    )
+    amp_dtype, use_scaler = _amp_settings(spec, device)
+    scaler = torch.amp.GradScaler("cuda") if use_scaler else None
+
+    start_epoch, step = 0, 0
+    resumed_from = -1  # the epoch training (re)started at after a restore; -1: a fresh start
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        start_epoch, step = _restore(checkpoint, net, optimizer, scheduler, scaler)
+        resumed_from = start_epoch
+        if rank == 0:
+            logger.info("resumed from %s at epoch %d (step %d)", checkpoint.path, start_epoch, step)
+
+    for epoch in range(start_epoch, t.epochs):
+        if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
+            loader.sampler.set_epoch(epoch)
+        ddp_model.train()
+        sums = torch.zeros(3, device=device)  # classification, bbox_regression, images
+        skipped, bad_in_a_row, good_steps = 0, 0, 0
+        started = time.perf_counter()
+        for i, (images, targets) in enumerate(loader):
+            if i >= iters_per_epoch:
+                break
+            autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+            with autocast:
+                losses = ddp_model(images, targets)
+            loss = losses["classification"] + losses["bbox_regression"]
+            bad = (~torch.isfinite(loss)).float().reshape(1)
+            if _distributed():
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+            if bad.item() > 0:
+                skipped += 1
+                bad_in_a_row += 1
+                optimizer.zero_grad(set_to_none=True)
+                if bad_in_a_row >= t.max_nonfinite_steps:
+                    raise NonFiniteLossError(
+                        f"epoch {epoch} step {step}: {bad_in_a_row} non-finite losses in a row "
+                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or enable clipping"
+                    )
+                continue
+            bad_in_a_row = 0
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.unscale_(optimizer)
+            else:
+                loss.backward()
+            if t.clip_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params, t.clip_grad_norm)
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            step += 1
+            good_steps += 1
+            sums += torch.stack(
+                [
+                    losses["classification"].detach().float(),
+                    losses["bbox_regression"].detach().float(),
+                    torch.tensor(float(len(images)), device=device),
+                ]
+            )
+        steps_done = torch.tensor([float(good_steps)], device=device)
+        if _distributed():
+            dist.all_reduce(sums)
+            dist.all_reduce(steps_done)
+        elapsed = time.perf_counter() - started
+        done = max(1.0, steps_done.item())
+        metrics: dict[str, Any] = {
+            "epoch": epoch,
+            "step": step,
+            "loss_classification": sums[0].item() / done,
+            "loss_bbox_regression": sums[1].item() / done,
+            "loss": (sums[0].item() + sums[1].item()) / done,
+            "lr": optimizer.param_groups[0]["lr"],
+            "images_per_s": sums[2].item() / elapsed,
+            "skipped_steps": float(skipped),
+            "resumed_from_epoch": float(resumed_from),
+        }
+        evaluate_now = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+        save_now = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
+        coco, precision, predictions, latency = None, None, None, None
+        if evaluate_now:
+            coco, precision, predictions = evaluate_distributed(
+                net,
+                val_ds,
+                rank=rank,
+                world=world,
+                batch_size=t.batch_size,
+                device=device,
+                max_images=t.eval_max_images,
+            )
+            if rank == 0:
+                metrics.update(coco)
+                latency = measure_latency(net, batch_size=1, iters=t.latency_iters, device=device)
+                metrics.update(
+                    {
+                        "latency_ms": latency.p50_ms,
+                        "latency_p50_ms": latency.p50_ms,
+                        "latency_p90_ms": latency.p90_ms,
+                        "latency_threads": latency.threads,
+                    }
+                )
+        if _distributed():
+            shared = [metrics]
+            dist.broadcast_object_list(shared, src=0)
+            metrics = shared[0]
+
+        if rank == 0 and save_now:
+            with tempfile.TemporaryDirectory() as tmp:
+                _save_state(Path(tmp, STATE_FILE), net, optimizer, scheduler, scaler, epoch, step)
+                net.save(
+                    Path(tmp, MODEL_FILE),
+                    class_names=list(train_ds.class_names),
+                    category_ids=list(train_ds.category_ids),
+                    epoch=epoch,
+                )
+                evaluation = {
+                    "epoch": epoch,
+                    "metrics": coco or {},
+                    "pr_curve": pr_curve(precision),
+                    "latency": latency.as_dict() if latency else None,
+                }
+                Path(tmp, EVAL_FILE).write_text(json.dumps(evaluation))
+                if predictions is not None:
+                    Path(tmp, PREDICTIONS_FILE).write_text(json.dumps(predictions))
+                write_manifest(Path(tmp))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+        else:
+            ray.train.report(metrics)
+        net.train()

@@ -1,0 +1,176 @@
+"""`retinaops train` on a real Ray cluster, tracked by a real MLflow server, checkpoints on S3."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def small_spec(shapes, **sections):
+    spec = {
+        "name": "it",
+        "data": {"root": str(shapes), "loader_workers": 0},
+        "model": {
+            "backbone": "resnet18",
+            "min_size": 128,
+            "max_size": 160,
+            "fpn_channels": 64,
+            "anchor_sizes": [16, 32, 64, 128, 256],
+        },
+        "train": {
+            "epochs": 3,
+            "batch_size": 2,
+            "optimizer": "adamw",
+            "lr": 0.004,
+            "base_batch_size": 16,
+            "warmup_iters": 5,
+            "schedule": "cosine",
+            "latency_iters": 3,
+        },
+        "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
+        "tracking": {"experiment": "it-train"},
+    }
+    for key, value in sections.items():
+        spec[key] = {**spec.get(key, {}), **value}
+    return spec
+
+
+def write_spec(tmp_path, spec) -> Path:
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def retinaops(args, env, **kw):
+    return subprocess.Popen(
+        [sys.executable, "-m", "retinaops.cli", *args],
+        env={**os.environ, **env},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def train_worker_pids() -> list[int]:
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if cmdline.startswith(b"ray::RayTrainWorker"):
+                pids.append(int(entry))
+    return pids
+
+
+def wait_for_run(client, experiment, run_name, proc, timeout=240):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"retinaops exited early: {proc.stderr.read()[-3000:]}")
+        exp = client.get_experiment_by_name(experiment)
+        if exp is not None:
+            runs = client.search_runs([exp.experiment_id], f"attributes.run_name = '{run_name}'")
+            if runs:
+                return runs[0]
+        time.sleep(1)
+    raise TimeoutError(f"no MLflow run {run_name!r}")
+
+
+def wait_for_metric_step(client, run_id, key, step, proc, timeout=300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(m.step >= step for m in client.get_metric_history(run_id, key)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early: {proc.stderr.read()[-3000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"metric {key} never reached step {step}")
+
+
+def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
+    tmp_path, platform_env, shapes, mlflow_server, s3_server
+):
+    import boto3
+    from mlflow import MlflowClient
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    spec = small_spec(
+        shapes,
+        tracking={"run_name": "fault-run"},
+        storage={"path": "s3://checkpoints/it-train"},
+    )
+    proc = retinaops(["train", str(write_spec(tmp_path, spec)), "--json"], platform_env)
+    client = MlflowClient(mlflow_server.url)
+    run = wait_for_run(client, "it-train", "fault-run", proc)
+    wait_for_metric_step(client, run.info.run_id, "loss", 0, proc)
+    time.sleep(2.0)  # into epoch 1
+    victims = train_worker_pids()
+    assert len(victims) == 2
+    os.kill(victims[-1], signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    outcome = json.loads(out.strip().splitlines()[-1])
+
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert "failure.1" in run.data.tags  # the killed worker was seen ...
+    steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
+    assert steps == [0, 1, 2]  # ... and one run holds the whole history
+    resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")]
+    assert max(resumed) >= 1  # resumed from the epoch-0 checkpoint, not from scratch
+
+    # Checkpoints are on the S3 endpoint, each complete.
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="checkpoints", Prefix="it-train/")["Contents"]]
+    files = [k for k in keys if not k.endswith("/")]  # deleted checkpoints may leave a folder marker
+    checkpoint_dirs = {k.rsplit("/", 1)[0] for k in files if k.split("/")[-2].startswith("checkpoint_")}
+    assert checkpoint_dirs
+    for directory in checkpoint_dirs:  # every checkpoint left in storage is complete
+        assert {f"{directory}/{name}" for name in ("state.pt", "model.pt", "manifest.json")} <= set(files)
+    assert not [
+        k for k in keys if k.endswith("/") and k.rstrip("/") not in checkpoint_dirs and "checkpoint_" in k
+    ]
+    assert outcome["checkpoint"].startswith("checkpoints/it-train")
+
+    # Artifacts, and AP equal to an independent pycocotools evaluation of the logged predictions.
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"spec.yaml", "checkpoint", "plots", "samples"} <= artifacts
+    checkpoint_files = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
+    assert {"checkpoint/model.pt", "checkpoint/eval.json", "checkpoint/predictions.json"} <= checkpoint_files
+
+    # The logged model is a generic MLflow pyfunc model that predicts on images.
+    import mlflow
+
+    mlflow.set_tracking_uri(mlflow_server.url)
+    served = mlflow.pyfunc.load_model(outcome["model_uri"])
+    table = served.predict([str(shapes / "images" / "val_000001.png")])
+    assert list(table.columns)[:6] == ["image", "x1", "y1", "x2", "y2", "score"]
+    local = Path(client.download_artifacts(run.info.run_id, "checkpoint/predictions.json", str(tmp_path)))
+    gt = COCO(str(shapes / "val.json"))
+    predictions = json.loads(local.read_text())
+    evaluator = COCOeval(gt, gt.loadRes(predictions) if predictions else COCO(), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert run.data.metrics["AP"] == pytest.approx(max(0.0, evaluator.stats[0]), abs=1e-6)
+    assert run.data.params["scaling.num_workers"] == "2"
+    assert run.data.tags["data_fingerprint"]
