@@ -58,8 +58,15 @@ class ResNetFPN(nn.Module):
         p6_from: str,
         frozen_bn: bool,
         trainable_layers: int,
+        channels_last: bool = False,
     ) -> None:
+        """channels_last: on the CPU, run on channels-last (NHWC) activations, which oneDNN's
+        convolutions compute ~10% faster, forward and backward; every later layer, the heads
+        included, keeps the layout. Weights keep theirs, so state dicts and optimizers are the same.
+        Off by default because it changes float rounding: results are then equal to torchvision's
+        up to rounding, not bit for bit."""
         super().__init__()
+        self.channels_last = channels_last
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
         net = RESNETS[depth](weights=None, norm_layer=norm_layer)
         train = _STAGES_TOP_DOWN[:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
@@ -76,6 +83,8 @@ class ResNetFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:
+        if self.channels_last and x.device.type == "cpu":
+            x = x.contiguous(memory_format=torch.channels_last)
         c_maps: OrderedDict[str, Tensor] = self.body(x)  # C3, C4, C5
         return list(self.fpn(c_maps).values())  # P3..P7
 

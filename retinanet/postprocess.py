@@ -1,9 +1,12 @@
 """Detections for a whole batch: per-level top-k over the score threshold, decode, one NMS call.
 
-Legend: N images, A_l anchors of one level, C classes, K candidates per image.
+Legend: N images, A anchors over all levels, A_l anchors of one level, L levels, C classes,
+M candidates over the whole batch.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -11,17 +14,124 @@ from torchvision.ops import nms
 
 from retinanet import boxes as box_ops
 
+# The sparse path sorts every logit above the threshold; past this many per (image, level) and
+# top-k slot, one dense top-k per level is cheaper.
+_SPARSE_MAX_PER_SLOT = 16
+# Grouped NMS on the CPU compares the pairs of boxes within each group; past this many pairs
+# (~100 MB of temporaries) one offset `nms` kernel is used.
+_NMS_MAX_PAIRS = 2_000_000
+
 
 def batched_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
-    """NMS within groups in one call: boxes of different groups are moved apart so they never overlap.
+    """Greedy NMS within groups for all groups at once: indices kept (K',), best score first.
 
-    torchvision's `batched_nms` falls back to a Python loop over groups on the CPU for large inputs;
-    offsetting by group keeps it a single kernel at any size.
+    A box is dropped when a kept box of its group with a higher score overlaps it with IoU above
+    iou_threshold: torchvision's `nms` rule, on exactly its IoU formula.
+
+    On the CPU, IoU is computed only between boxes of the same group, so the cost grows with the
+    sum of squared group sizes, not with the square of all boxes (one NMS over a batch of 8 images
+    x 91 classes would compare every box with every other). torchvision's own `batched_nms` loops
+    over classes in Python instead. On other devices, or for groups too big for pairs, groups are
+    moved apart by offsets and one `nms` kernel runs.
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
+    if boxes.device.type == "cpu":
+        keep = _grouped_greedy_nms(boxes, scores, group_ids, iou_threshold)
+        if keep is not None:
+            return keep
     offsets = group_ids.to(boxes.dtype) * (boxes.max() + 1)  # (K,)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
+
+
+def _grouped_greedy_nms(
+    boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float
+) -> Tensor | None:
+    """batched_nms over the pairs of boxes that share a group; None past _NMS_MAX_PAIRS pairs.
+
+    Greedy NMS is the fixed point of "kept = no kept, better box of my group overlaps me": starting
+    from all kept, each sweep settles at least one more box in score order, and on detections it
+    settles in a handful of sweeps because overlap chains are short.
+    """
+    # Score order (best first, stable), then grouped: within each group boxes stay best first.
+    order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
+    order = order[torch.sort(group_ids[order], stable=True).indices]  # (K,)
+    group = group_ids[order]  # (K,)
+    _, group_size = torch.unique_consecutive(group, return_counts=True)  # (G',)
+    num_pairs = int((group_size * (group_size - 1) // 2).sum())
+    if num_pairs > _NMS_MAX_PAIRS:
+        return None
+    # Every (i, j), i before j in the same group: i repeated once per later box of its group.
+    size = group_size.repeat_interleave(group_size)  # (K,) size of each box's group
+    start = (torch.cumsum(group_size, 0) - group_size).repeat_interleave(group_size)  # (K,)
+    position = torch.arange(order.numel(), device=boxes.device)  # (K,)
+    num_later = start + size - 1 - position  # (K,)
+    first = position.repeat_interleave(num_later)  # (P,)
+    pair_start = torch.cumsum(num_later, 0) - num_later  # (K,)
+    second = first + 1 + torch.arange(num_pairs, device=boxes.device) - pair_start[first]  # (P,)
+
+    b = boxes[order]  # (K, 4)
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (K,)
+    top_left = torch.maximum(b[first, :2], b[second, :2])  # (P, 2)
+    bottom_right = torch.minimum(b[first, 2:], b[second, 2:])  # (P, 2)
+    wh = (bottom_right - top_left).clamp(min=0)  # (P, 2)
+    inter = wh[:, 0] * wh[:, 1]  # (P,)
+    overlaps = inter / (area[first] + area[second] - inter) > iou_threshold  # (P,)
+    first, second = first[overlaps], second[overlaps]  # (E,), (E,) edges: first suppresses second
+
+    kept = torch.ones(order.numel(), dtype=torch.bool, device=boxes.device)  # (K,)
+    while True:  # converges in at most K sweeps; detections need a few
+        hits = torch.zeros(order.numel(), device=boxes.device).index_add_(0, second, kept[first].float())
+        now_kept = hits == 0  # (K,)
+        if torch.equal(now_kept, kept):
+            break
+        kept = now_kept
+    keep = order[kept]  # (K',) grouped; back to best score first
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _top_candidates_dense(
+    cls_logits: Tensor, num_anchors_per_level: list[int], topk_candidates: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k logits of every (image, level): image_idx (M,), flat index a * C + c (M,), logit (M,)."""
+    num_images, _, num_classes = cls_logits.shape
+    image_idx, flat_idx, values = [], [], []
+    start = 0
+    for size in num_anchors_per_level:  # a loop over the 5 levels; images stay batched
+        logits = cls_logits[:, start : start + size].flatten(1)  # (N, A_l * C)
+        top_logits, top_idx = logits.topk(min(topk_candidates, logits.shape[1]), dim=1)  # (N, k), (N, k)
+        image_idx.append(torch.arange(num_images, device=logits.device)[:, None].expand_as(top_idx).flatten())
+        flat_idx.append((top_idx + start * num_classes).flatten())
+        values.append(top_logits.flatten())
+        start += size
+    return torch.cat(image_idx), torch.cat(flat_idx), torch.cat(values)
+
+
+def _top_candidates_sparse(
+    cls_logits: Tensor, num_anchors_per_level: list[int], topk_candidates: int, min_logit: float
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """As `_top_candidates_dense`, among the logits above min_logit only; None when too many are.
+
+    A trained detector scores a few thousand of ~10^7 logits per image above the threshold:
+    selecting them first and ranking only those avoids a top-k over every logit of the level.
+    """
+    num_images, num_anchors, num_classes = cls_logits.shape
+    num_levels = len(num_anchors_per_level)
+    flat = cls_logits.reshape(num_images, num_anchors * num_classes)  # (N, A * C)
+    image_idx, flat_idx = (flat > min_logit).nonzero().unbind(1)  # (M,), (M,)
+    if image_idx.numel() > _SPARSE_MAX_PER_SLOT * topk_candidates * num_images * num_levels:
+        return None
+    values = flat[image_idx, flat_idx]  # (M,)
+    level_ends = torch.tensor(num_anchors_per_level, device=flat.device).cumsum(0) * num_classes  # (L,)
+    slot = image_idx * num_levels + torch.bucketize(flat_idx, level_ends, right=True)  # (M,)
+    # Best first within each (image, level) slot: sort by logit, then stably by slot.
+    order = torch.sort(values, descending=True, stable=True).indices  # (M,)
+    order = order[torch.sort(slot[order], stable=True).indices]  # (M,)
+    counts = torch.bincount(slot, minlength=num_images * num_levels)  # (N * L,)
+    first = torch.cumsum(counts, 0) - counts  # (N * L,)
+    rank = torch.arange(order.numel(), device=order.device) - first[slot[order]]  # (M,)
+    order = order[rank < topk_candidates]
+    return image_idx[order], flat_idx[order], values[order]
 
 
 def postprocess(
@@ -38,37 +148,29 @@ def postprocess(
     box_weights: tuple[float, ...],
 ) -> list[dict[str, Tensor]]:
     """cls_logits (N, A, C), bbox_regression (N, A, 4), anchors (A, 4), image_hw (N, 2) of the
-    resized images -> per image {"boxes" (K, 4) xyxy clipped to the image, "scores" (K,), "labels" (K,)}."""
+    resized images -> per image {"boxes" (K, 4) xyxy clipped to the image, "scores" (K,), "labels" (K,)}.
+
+    Per image and level, the topk_candidates best scores above score_thresh are decoded, then
+    NMS runs per image and class and the detections_per_img best are kept: torchvision's rules.
+    """
     num_images, _, num_classes = cls_logits.shape
-    all_boxes, all_scores, all_labels, all_keep = [], [], [], []
-    start = 0
-    for size in num_anchors_per_level:  # a loop over the 5 levels; images stay batched
-        logits = cls_logits[:, start : start + size].flatten(1)  # (N, A_l * C)
-        k = min(topk_candidates, logits.shape[1])
-        top_logits, top_idx = logits.topk(k, dim=1)  # (N, k), (N, k)
-        scores = torch.sigmoid(top_logits)  # (N, k)
-        anchor_idx = top_idx // num_classes + start  # (N, k)
-        labels = top_idx % num_classes  # (N, k)
-        deltas = bbox_regression.gather(1, anchor_idx[..., None].expand(-1, -1, 4))  # (N, k, 4)
-        boxes = box_ops.decode(deltas, anchors[anchor_idx], box_weights)  # (N, k, 4)
-        all_boxes.append(box_ops.clip_to_image(boxes, image_hw))
-        all_scores.append(scores)
-        all_labels.append(labels)
-        all_keep.append(scores > score_thresh)  # (N, k)
-        start += size
+    top = None
+    if score_thresh > 0:
+        # Slightly below the threshold's logit, so that rounding never drops a score above it;
+        # the exact test on the sigmoid follows.
+        min_logit = math.log(score_thresh / (1 - score_thresh)) - 1e-3 if score_thresh < 1 else math.inf
+        top = _top_candidates_sparse(cls_logits, num_anchors_per_level, topk_candidates, min_logit)
+    if top is None:
+        top = _top_candidates_dense(cls_logits, num_anchors_per_level, topk_candidates)
+    image_idx, flat_idx, logits = top  # (M,), (M,), (M,)
+    scores = torch.sigmoid(logits)  # (M,)
+    keep = scores > score_thresh  # (M,)
+    image_idx, flat_idx, scores = image_idx[keep], flat_idx[keep], scores[keep]
+    anchor_idx = flat_idx // num_classes  # (M,)
+    labels = flat_idx % num_classes  # (M,)
+    boxes = box_ops.decode(bbox_regression[image_idx, anchor_idx], anchors[anchor_idx], box_weights)  # (M, 4)
+    boxes = box_ops.clip_to_image(boxes[:, None], image_hw[image_idx])[:, 0]  # (M, 4), each in its image
 
-    boxes = torch.cat(all_boxes, dim=1)  # (N, K, 4)
-    scores = torch.cat(all_scores, dim=1)  # (N, K)
-    labels = torch.cat(all_labels, dim=1)  # (N, K)
-    keep_mask = torch.cat(all_keep, dim=1)  # (N, K)
-    image_idx = torch.arange(num_images, device=boxes.device)[:, None].expand_as(labels)  # (N, K)
-
-    boxes, scores, labels, image_idx = (
-        boxes[keep_mask],
-        scores[keep_mask],
-        labels[keep_mask],
-        image_idx[keep_mask],
-    )
     keep = batched_nms(boxes, scores, image_idx * num_classes + labels, nms_thresh)  # sorted by score
 
     # The best detections_per_img of each image: a stable sort by image keeps score order within it.

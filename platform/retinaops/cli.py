@@ -22,6 +22,7 @@ logger = logging.getLogger(__name__)
 PROG = "retinaops"
 
 from retinaops import cli_model as m  # noqa: E402
+from retinaops import cli_sweep as s  # noqa: E402
 from retinaops import cli_train as t  # noqa: E402
 
 
@@ -50,6 +51,21 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     ),
     "demo": Command(
         "the main job on embedded defaults (local Ray, MLflow, storage, data)", t.add_demo_args, t.cmd_demo
+    ),
+    "sweep": Command(
+        "a Ray Tune sweep of a job spec, every trial an MLflow run", s.add_sweep_args, s.cmd_sweep
+    ),
+    "leaderboard": Command(
+        "a sweep's trials by AP with latency, Pareto front marked", s.add_leaderboard_args, s.cmd_leaderboard
+    ),
+    "promote": Command(
+        "register a sweep's best trial by a rule and make it the champion", s.add_promote_args, s.cmd_promote
+    ),
+    "models": Command(
+        "versions of a registered model with aliases and metrics", s.add_models_args, s.cmd_models
+    ),
+    "rollback": Command(
+        "move the champion alias back to the previous champion", s.add_rollback_args, s.cmd_rollback
     ),
 }
 

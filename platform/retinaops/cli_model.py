@@ -59,9 +59,25 @@ def _load_model(path: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
 
 
 def _add_model_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a RetinaNet model file (.pt)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--checkpoint", metavar="FILE", help="a RetinaNet model file (.pt)")
+    source.add_argument("--model", metavar="URI", help="a logged or registered model: models:/NAME@champion")
     parser.add_argument("--batch-size", type=_positive_int, default=batch_size, help="images per forward")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+
+
+def _checkpoint_file(args: argparse.Namespace) -> str:
+    """--checkpoint as given, or the model file of --model downloaded under RETINAOPS_HOME/models."""
+    if args.checkpoint is not None:
+        return args.checkpoint
+    import re
+
+    from retinaops.cli_sweep import resolve_model
+    from retinaops.settings import Settings
+
+    cache = Settings.from_env().home / "models" / re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
+    args.checkpoint = str(resolve_model(args.model, cache))
+    return args.checkpoint
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, default_split: str = "val") -> None:
@@ -182,6 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from retinanet.data.coco import CocoDataset
     from retinanet.evaluate import coco_ap, predict_dataset
 
+    _checkpoint_file(args)  # --model: download it first
     _existing_file(args.checkpoint, "--checkpoint")  # fail before spending time on the data
     dataset = CocoDataset(*_dataset_files(args))
     device = _device(args.device)
@@ -223,6 +240,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from retinanet.data.images import read_image
     from retinanet.draw import draw_detections, label_name
 
+    _checkpoint_file(args)  # --model: download it first
     if not 0.0 <= args.score_thresh <= 1.0:
         raise ValueError(f"--score-thresh: expected a number in [0, 1], got {args.score_thresh}")
     paths = [_existing_file(p, "IMAGE") for p in args.images]
@@ -283,6 +301,7 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
 def cmd_latency(args: argparse.Namespace) -> int:
     from retinanet.evaluate import measure_latency
 
+    _checkpoint_file(args)  # --model: download it first
     device = _device(args.device)
     model, _ = _load_model(args.checkpoint, device)
     result = measure_latency(

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -124,6 +123,46 @@ class Tracker:
             )
         return info.model_uri
 
+    # -- the model registry (used by registry.py) --
+
+    def register_model(self, model_uri: str, name: str, tags: Mapping[str, str]) -> str:
+        """A new version of registered model `name` (created if missing) from model_uri; returns the version."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        version = with_retries(
+            lambda: mlflow.register_model(model_uri, name, tags=dict(tags)), "register model"
+        )
+        return str(version.version)
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        with_retries(lambda: self.client.set_registered_model_alias(name, alias, version), "set alias")
+
+    def model_version_by_alias(self, name: str, alias: str):
+        """The ModelVersion holding `alias`, or None when the model or the alias does not exist."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return self.client.get_model_version_by_alias(name, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None
+            raise
+
+    def model_versions(self, name: str) -> list:
+        return with_retries(lambda: self.client.search_model_versions(f"name = '{name}'"), "search versions")
+
+    def model_aliases(self, name: str) -> dict[str, str]:
+        """alias -> version of a registered model."""
+        model = with_retries(lambda: self.client.get_registered_model(name), "get registered model")
+        return {k: str(v) for k, v in (model.aliases or {}).items()}
+
+    def download_model(self, model_uri: str, dst: str | Path) -> str:
+        """The files of a logged or registered model (runs:/, models:/) in dst; returns the local folder."""
+        mlflow.set_tracking_uri(self.tracking_uri)
+        return with_retries(
+            lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)),
+            "download model",
+        )
+
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a report, bookkeeping keys left out."""
@@ -187,56 +226,58 @@ def pip_requirements() -> list[str]:
         return ["retinanet-platform"]
 
 
-# MLflow nudges PythonModel subclasses towards type-hinted predict(); ours takes several input forms on purpose.
-with warnings.catch_warnings():
-    warnings.filterwarnings("ignore", message=".*type hints to the `predict` method.*")
+# MLflow wraps a predict() defined on a PythonModel subclass and nags for type hints; ours takes
+# several input forms on purpose, so it lives on a plain mixin and validates its input itself.
+class _RetinaNetPredict:
+    """The generic MLflow face of a retinanet model file.
 
-    class RetinaNetPyfunc(mlflow.pyfunc.PythonModel):
-        """The generic MLflow face of a retinanet model file.
+    predict() takes a pandas DataFrame with an `image` column (file paths or encoded image bytes),
+    a list of paths, or uint8 arrays (H, W, 3) / (N, H, W, 3); it returns one row per detection:
+    image (index of the input), x1, y1, x2, y2 (pixels), score, label, category_id, class_name.
+    """
 
-        predict() takes a pandas DataFrame with an `image` column (file paths or encoded image bytes),
-        a list of paths, or uint8 arrays (H, W, 3) / (N, H, W, 3); it returns one row per detection:
-        image (index of the input), x1, y1, x2, y2 (pixels), score, label, category_id, class_name.
-        """
+    def load_context(self, context) -> None:
+        from retinanet import RetinaNet
+        from retinanet.checkpoint import read_checkpoint
 
-        def load_context(self, context) -> None:
-            from retinanet import RetinaNet
-            from retinanet.checkpoint import read_checkpoint
+        path = context.artifacts["model"]
+        self.model = RetinaNet.load(path).eval()
+        extra = read_checkpoint(path).get("extra", {})
+        num_classes = self.model.config.num_classes
+        self.class_names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
+        self.category_ids = list(extra.get("category_ids") or range(num_classes))
 
-            path = context.artifacts["model"]
-            self.model = RetinaNet.load(path).eval()
-            extra = read_checkpoint(path).get("extra", {})
-            num_classes = self.model.config.num_classes
-            self.class_names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
-            self.category_ids = list(extra.get("category_ids") or range(num_classes))
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
 
-        def predict(self, context, model_input, params=None):
-            import pandas as pd
-            import torch
+        images = _images_from(model_input)
+        rows = []
+        with torch.inference_mode():
+            for start in range(0, len(images), 8):
+                for offset, det in enumerate(self.model(images[start : start + 8])):
+                    for box, score, label in zip(
+                        det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
+                    ):
+                        rows.append(
+                            {
+                                "image": start + offset,
+                                "x1": box[0],
+                                "y1": box[1],
+                                "x2": box[2],
+                                "y2": box[3],
+                                "score": score,
+                                "label": label,
+                                "category_id": self.category_ids[label],
+                                "class_name": self.class_names[label],
+                            }
+                        )
+        columns = ["image", "x1", "y1", "x2", "y2", "score", "label", "category_id", "class_name"]
+        return pd.DataFrame(rows, columns=columns)
 
-            images = _images_from(model_input)
-            rows = []
-            with torch.inference_mode():
-                for start in range(0, len(images), 8):
-                    for offset, det in enumerate(self.model(images[start : start + 8])):
-                        for box, score, label in zip(
-                            det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-                        ):
-                            rows.append(
-                                {
-                                    "image": start + offset,
-                                    "x1": box[0],
-                                    "y1": box[1],
-                                    "x2": box[2],
-                                    "y2": box[3],
-                                    "score": score,
-                                    "label": label,
-                                    "category_id": self.category_ids[label],
-                                    "class_name": self.class_names[label],
-                                }
-                            )
-            columns = ["image", "x1", "y1", "x2", "y2", "score", "label", "category_id", "class_name"]
-            return pd.DataFrame(rows, columns=columns)
+
+class RetinaNetPyfunc(_RetinaNetPredict, mlflow.pyfunc.PythonModel):
+    """A retinanet model file served through MLflow's pyfunc interface (see _RetinaNetPredict)."""
 
 
 def _images_from(model_input) -> list:

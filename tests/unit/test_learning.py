@@ -1,7 +1,5 @@
 """The detector learns: ResNet-18 from scratch fits a tiny synthetic set on the CPU."""
 
-import time
-
 import pytest
 import torch
 
@@ -12,7 +10,6 @@ from retinanet.evaluate import coco_ap, predict_dataset
 
 @pytest.mark.slow
 def test_resnet18_reaches_ap50_of_0_9_on_its_training_images(tmp_path):
-    start = time.monotonic()
     torch.manual_seed(0)
     root = make_synthetic_coco(tmp_path, num_train=4, num_val=1, num_classes=2, image_size=128, seed=0)
     dataset = CocoDataset.from_dir(root, "train")
@@ -35,4 +32,3 @@ def test_resnet18_reaches_ap50_of_0_9_on_its_training_images(tmp_path):
         optimizer.step()
     metrics = coco_ap(dataset.coco, predict_dataset(model, dataset, batch_size=4))
     assert metrics["AP50"] >= 0.9, metrics
-    assert time.monotonic() - start < 120

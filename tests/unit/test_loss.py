@@ -48,6 +48,38 @@ def test_focal_loss_of_extreme_logits_is_finite_with_finite_gradients():
     assert torch.isfinite(loss) and torch.isfinite(logits.grad).all()
 
 
+@pytest.mark.parametrize("alpha,gamma", [(0.25, 2.0), (None, 0.0), (0.75, 1.5)])
+def test_fused_focal_loss_gradient_equals_autograd_of_the_formula(alpha, gamma, monkeypatch):
+    import retinanet.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_FOCAL_BLOCK", 3 * 5)  # 3 anchors per block: 50 = 16 blocks + 2
+    monkeypatch.setattr(loss_module, "_FOCAL_MAX_BLOCKS", 100)
+    logits = (torch.randn(2, 25, 5, dtype=torch.float64) * 6).requires_grad_()
+    labels = torch.randint(-1, 5, (2, 25))
+    valid = torch.rand(2, 25) > 0.2
+    weights = torch.tensor([1.0, 3.0], dtype=torch.float64)
+    one_hot = F.one_hot(labels.clamp(min=0), 5).double() * (labels >= 0)[..., None]
+    dense = (sigmoid_focal_loss(logits, one_hot, alpha, gamma).sum(2) * valid).sum(1)
+    (expected,) = torch.autograd.grad((dense * weights).sum(), logits)
+    fused = focal_loss_per_image(logits.float().detach().requires_grad_(), labels, valid, alpha, gamma)
+    got = focal_loss_per_image(logits, labels, valid, alpha, gamma)
+    (got_grad,) = torch.autograd.grad((got * weights.float()).sum(), logits)
+    torch.testing.assert_close(fused, dense.float())
+    torch.testing.assert_close(
+        got_grad, expected, rtol=1e-5, atol=1e-5
+    )  # float32 kernel against a float64 reference
+
+
+def test_focal_loss_of_bfloat16_logits_is_float32_with_bfloat16_gradients():
+    logits = torch.randn(2, 30, 4).bfloat16().requires_grad_()
+    labels = torch.randint(-1, 4, (2, 30))
+    loss = focal_loss_per_image(logits, labels, torch.ones(2, 30, dtype=torch.bool), 0.25, 2.0)
+    loss.sum().backward()
+    assert loss.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    expected = focal_loss_per_image(logits.float(), labels, torch.ones(2, 30, dtype=torch.bool), 0.25, 2.0)
+    torch.testing.assert_close(loss, expected)
+
+
 def _per_image_reference(cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels, alpha, gamma):
     from retinanet.boxes import encode
 

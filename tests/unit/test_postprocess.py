@@ -73,3 +73,47 @@ def test_batched_nms_never_suppresses_across_groups():
     assert (
         batched_nms(torch.zeros((0, 4)), torch.zeros(0), torch.zeros(0, dtype=torch.int64), 0.5).numel() == 0
     )
+
+
+def _clustered_boxes(num_boxes, num_groups, seed):
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.rand(max(1, num_boxes // 10), 2, generator=g) * 300
+    xy = (
+        centers[torch.randint(0, len(centers), (num_boxes,), generator=g)]
+        + torch.randn(num_boxes, 2, generator=g) * 8
+    )
+    wh = torch.rand(num_boxes, 2, generator=g) * 60 + 2
+    boxes = torch.cat([xy - wh / 2, xy + wh / 2], 1)
+    return boxes, torch.rand(num_boxes, generator=g), torch.randint(0, num_groups, (num_boxes,), generator=g)
+
+
+def test_batched_nms_equals_torchvisions_on_overlapping_clusters():
+    for seed, (num_boxes, num_groups, thresh) in enumerate([(400, 3, 0.5), (1500, 20, 0.3), (50, 1, 0.7)]):
+        boxes, scores, groups = _clustered_boxes(num_boxes, num_groups, seed)
+        expected = tv_batched_nms(boxes, scores, groups, thresh)
+        got = batched_nms(boxes, scores, groups, thresh)
+        assert torch.equal(got, expected), (num_boxes, num_groups, thresh)
+
+
+def test_batched_nms_with_too_many_pairs_uses_one_kernel_and_agrees(monkeypatch):
+    import retinanet.postprocess as post
+
+    boxes, scores, groups = _clustered_boxes(300, 4, seed=7)
+    grouped = batched_nms(boxes, scores, groups, 0.5)
+    monkeypatch.setattr(post, "_NMS_MAX_PAIRS", 10)
+    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), grouped)
+
+
+def test_selecting_candidates_above_the_threshold_first_equals_a_top_k_over_every_logit(monkeypatch):
+    import retinanet.postprocess as post
+
+    cls_logits, bbox_regression, anchors, per_level = _random_outputs(seed=2)
+    sizes = torch.tensor([[120, 130], [90, 100], [140, 140]])
+    args = dict(score_thresh=0.4, topk_candidates=30, nms_thresh=0.5, detections_per_img=50, box_weights=W)
+    sparse = postprocess(cls_logits, bbox_regression, anchors, per_level, sizes, **args)
+    monkeypatch.setattr(post, "_SPARSE_MAX_PER_SLOT", 0)  # every selection is "too many": dense top-k
+    dense = postprocess(cls_logits, bbox_regression, anchors, per_level, sizes, **args)
+    for s, d in zip(sparse, dense, strict=True):
+        assert len(s["scores"]) > 0
+        for key in ("boxes", "scores", "labels"):
+            assert torch.equal(s[key], d[key])

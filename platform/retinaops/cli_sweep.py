@@ -1,0 +1,178 @@
+"""`retinaops` commands for sweeps and the model registry: sweep, leaderboard, promote, models, rollback."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from retinaops.cli_train import add_spec_args
+
+
+def _tracker():
+    from retinaops.settings import Settings
+    from retinaops.tracking import Tracker
+
+    settings = Settings.from_env()
+    return Tracker(settings.tracking_uri, str(settings.artifact_root))
+
+
+def add_sweep_args(parser: argparse.ArgumentParser) -> None:
+    add_spec_args(parser)
+    parser.add_argument(
+        "--resume", metavar="NAME", help="resume the sweep of that name: finished trials are not run again"
+    )
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from retinaops.settings import Settings
+    from retinaops.spec import load_spec
+
+    spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before Ray starts
+    from retinaops.sweep import run_sweep
+
+    outcome = run_sweep(spec, Settings.from_env(), resume=args.resume)
+    summary = {
+        "sweep": outcome.sweep_name,
+        "parent_run_id": outcome.parent_run_id,
+        "experiment": outcome.experiment,
+        "wall_s": round(outcome.wall_s, 1),
+        "trials": outcome.rows,
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(
+            f"sweep {outcome.sweep_name} finished in {outcome.wall_s:.0f} s (MLflow run {outcome.parent_run_id})"
+        )
+        _print_leaderboard(outcome.rows)
+    failed = [r for r in outcome.rows if r["status"] == "FAILED"]
+    return 1 if failed and len(failed) == len(outcome.rows) else 0
+
+
+def _add_experiment_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--experiment", default="retinanet", help="MLflow experiment (default: retinanet)")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def add_leaderboard_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", nargs="?", help="sweep name or parent run id (default: the latest sweep)")
+    _add_experiment_arg(parser)
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from retinaops.registry import find_sweep, leaderboard, sweep_trials
+
+    tracker = _tracker()
+    parent = find_sweep(tracker, args.experiment, args.sweep)
+    rows = leaderboard(sweep_trials(tracker, parent))
+    if args.json:
+        print(
+            json.dumps({"sweep": parent.info.run_name, "parent_run_id": parent.info.run_id, "trials": rows})
+        )
+    else:
+        print(
+            f"sweep {parent.info.run_name} ({parent.info.run_id}), * = Pareto-optimal (max AP, min latency)"
+        )
+        _print_leaderboard(rows)
+    return 0
+
+
+def _print_leaderboard(rows: list[dict]) -> None:
+    def number(value) -> str:
+        return f"{value:.4f}" if isinstance(value, float) else "-"
+
+    print(f"{'':2}{'trial':<34} {'status':<9} {'AP':>8} {'latency_ms':>10}  params")
+    for r in rows:
+        params = " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
+        mark = "* " if r["pareto"] else "  "
+        status = "STOPPED" if r.get("stopped_early") else r["status"]
+        print(
+            f"{mark}{r['name']:<34} {status:<9} {number(r['AP']):>8} {number(r['latency_ms']):>10}  {params}"
+        )
+
+
+def add_promote_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("sweep", help="sweep name or parent run id")
+    parser.add_argument(
+        "--rule",
+        default="max AP",
+        help="which trial: 'max|min METRIC [where METRIC <=|<|>=|> NUMBER [and ...]]' (default: 'max AP')",
+    )
+    parser.add_argument("--name", help="registered model name (default: retinanet-<experiment>)")
+    parser.add_argument("--force", action="store_true", help="promote even if the champion is better")
+    _add_experiment_arg(parser)
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    from retinaops.registry import CHAMPION, Rule, promote
+
+    rule = Rule.parse(args.rule)  # a bad rule fails before anything is read
+    name = args.name or f"retinanet-{args.experiment}"
+    done = promote(_tracker(), args.experiment, args.sweep, rule, name, force=args.force)
+    summary = {
+        "name": done.name,
+        "version": done.version,
+        "alias": CHAMPION,
+        "trial_run_id": done.trial.run_id,
+        "trial": done.trial.name,
+        "AP": done.trial.metrics.get("AP"),
+        "latency_ms": done.trial.metrics.get("latency_ms"),
+        "previous_champion": done.previous,
+        "model_uri": f"models:/{done.name}@{CHAMPION}",
+    }
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{done.name} version {done.version} is {CHAMPION} (trial {done.trial.name}, rule '{rule}')")
+        if done.previous:
+            print(f"  previous champion: version {done.previous} (retinaops rollback {done.name})")
+        print(f"  serve: models:/{done.name}@{CHAMPION}")
+    return 0
+
+
+def add_models_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", nargs="?", help="registered model (default: retinanet-<experiment>)")
+    _add_experiment_arg(parser)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from retinaops.registry import model_versions
+
+    name = args.name or f"retinanet-{args.experiment}"
+    versions = model_versions(_tracker(), name)
+    if args.json:
+        print(json.dumps({"name": name, "versions": versions}))
+        return 0
+    print(f"{name}")
+    print(f"  {'version':>7} {'aliases':<12} {'AP':>8} {'latency_ms':>10}  trial_run_id")
+    for v in versions:
+        ap = f"{v['AP']:.4f}" if v["AP"] is not None else "-"
+        latency = f"{v['latency_ms']:.2f}" if v["latency_ms"] is not None else "-"
+        aliases = ",".join(v["aliases"]) or "-"
+        print(f"  {v['version']:>7} {aliases:<12} {ap:>8} {latency:>10}  {v['trial_run_id'] or '-'}")
+    return 0
+
+
+def add_rollback_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("name", help="registered model name")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from retinaops.registry import CHAMPION, rollback
+
+    was, now = rollback(_tracker(), args.name)
+    if args.json:
+        print(json.dumps({"name": args.name, "from": was, "to": now}))
+    else:
+        print(f"{args.name}@{CHAMPION}: version {was} -> version {now}", file=sys.stdout)
+    return 0
+
+
+def resolve_model(uri: str, dst: str | Path) -> Path:
+    """A local model file for `--model`: a path as it is, a models:/ or runs:/ URI downloaded into dst."""
+    from retinaops.registry import local_model_file
+
+    return local_model_file(_tracker(), uri, dst)

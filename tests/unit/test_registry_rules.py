@@ -1,0 +1,95 @@
+"""Promotion rules, the choice of a trial and the Pareto front, on hand-made trial tables."""
+
+import pytest
+
+from retinaops.registry import Condition, Rule, Trial, choose, leaderboard, pareto_front
+
+
+def trial(name, ap, latency, status="FINISHED", model=True, **params):
+    metrics = {k: v for k, v in (("AP", ap), ("latency_ms", latency)) if v is not None}
+    tags = {"model_uri": f"models:/m-{name}"} if model else {}
+    return Trial(run_id=name, name=name, status=status, metrics=metrics, params=params, tags=tags)
+
+
+TABLE = [
+    trial("a", 0.40, 50.0),  # best AP, slow
+    trial("b", 0.35, 30.0),  # on the front
+    trial("c", 0.30, 35.0),  # beaten by b on both
+    trial("d", 0.20, 10.0),  # fastest
+    trial("e", 0.50, 5.0, status="FAILED", model=False),
+]
+
+
+def test_rule_with_two_conditions_is_parsed():
+    rule = Rule.parse("max AP where latency_ms <= 40 and AP50 > 0.5")
+    assert rule == Rule("max", "AP", (Condition("latency_ms", "<=", 40.0), Condition("AP50", ">", 0.5)))
+    assert str(rule) == "max AP where latency_ms <= 40 and AP50 > 0.5"
+
+
+def test_rule_without_conditions_and_in_upper_case_is_parsed():
+    assert Rule.parse("MIN latency_ms") == Rule("min", "latency_ms", ())
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("best AP", r"expected 'max\|min METRIC"),
+        ("max AP where latency_ms == 40", r"expected a condition .* got 'latency_ms == 40'"),
+        ("max AP where latency_ms <= fast", r"got 'latency_ms <= fast'"),
+        ("max AP where", r"got ''"),
+    ],
+)
+def test_malformed_rule_names_what_was_expected(text, message):
+    with pytest.raises(ValueError, match=message):
+        Rule.parse(text)
+
+
+def test_max_ap_under_a_latency_budget_picks_the_best_trial_within_it():
+    assert choose(Rule.parse("max AP where latency_ms <= 40"), TABLE).name == "b"
+    assert choose(Rule.parse("max AP"), TABLE).name == "a"
+    assert choose(Rule.parse("min latency_ms"), TABLE).name == "d"
+
+
+def test_failed_trials_and_trials_without_a_model_are_never_chosen():
+    table = [*TABLE, trial("f", 0.9, 1.0, model=False)]
+    assert choose(Rule.parse("max AP"), table).name == "a"
+
+
+def test_strict_and_inclusive_bounds_differ_at_the_boundary():
+    assert choose(Rule.parse("max AP where latency_ms <= 30"), TABLE).name == "b"
+    assert choose(Rule.parse("max AP where latency_ms < 30"), TABLE).name == "d"
+
+
+def test_a_rule_no_trial_meets_lists_the_best_values_seen():
+    with pytest.raises(
+        ValueError, match=r"no trial meets it; best seen: AP max 0.4 \(a\), latency_ms min 10 \(d\)"
+    ):
+        choose(Rule.parse("max AP where latency_ms <= 1"), TABLE)
+
+
+def test_a_sweep_without_a_finished_trial_says_what_state_each_trial_is_in():
+    with pytest.raises(ValueError, match=r"no finished trial .* \(e: FAILED\)"):
+        choose(Rule.parse("max AP"), [TABLE[-1]])
+
+
+def test_pareto_front_keeps_exactly_the_undominated_trials_and_leaves_failed_ones_out():
+    assert pareto_front(TABLE) == {"a", "b", "d"}  # e would beat them all, but it failed
+
+
+def test_equal_trials_are_both_on_the_front():
+    assert pareto_front([trial("x", 0.3, 20.0), trial("y", 0.3, 20.0)]) == {"x", "y"}
+
+
+def test_trials_without_both_metrics_are_off_the_front():
+    assert pareto_front([trial("x", 0.3, None), trial("y", None, 5.0), trial("z", 0.1, 9.0)]) == {"z"}
+
+
+def test_leaderboard_sorts_by_ap_with_trials_without_ap_last_and_marks_the_front():
+    rows = leaderboard([trial("n", None, None, status="FAILED", model=False), *TABLE[:4]])
+    assert [r["name"] for r in rows] == ["a", "b", "c", "d", "n"]
+    assert [r["pareto"] for r in rows] == [True, True, False, True, False]
+
+
+def test_better_follows_the_rule_mode():
+    assert Rule.parse("max AP").better(0.5, 0.4) and not Rule.parse("max AP").better(0.4, 0.4)
+    assert Rule.parse("min latency_ms").better(10, 20)
