@@ -7,7 +7,6 @@ level-major, then row, column, then aspect ratio, then scale.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
@@ -75,7 +74,3 @@ class AnchorGenerator(nn.Module):
             shifts = torch.stack((sx, sy, sx, sy), dim=-1).reshape(-1, 1, 4).to(dtype)  # (H*W, 1, 4)
             levels.append((shifts + cell.to(device=device, dtype=dtype)[None]).reshape(-1, 4))  # (H*W*K, 4)
         return torch.cat(levels)  # (A, 4)
-
-
-def level_strides(num_levels: int = 5, first: int = 3) -> list[int]:
-    return [int(math.pow(2, first + i)) for i in range(num_levels)]
