@@ -17,9 +17,9 @@ from retinanet import boxes as box_ops
 # The sparse path sorts every logit above the threshold; past this many per (image, level) and
 # top-k slot, one dense top-k per level is cheaper.
 _SPARSE_MAX_PER_SLOT = 16
-# Grouped NMS on the CPU compares the pairs of boxes within each group; past this many pairs
-# (~100 MB of temporaries) one offset `nms` kernel is used.
-_NMS_MAX_PAIRS = 2_000_000
+# Grouped NMS on the CPU: all pairs within groups at once while they average at most this many
+# per box (many small groups: a batch of images x classes); beyond, one `nms` kernel per group.
+_NMS_PAIRS_PER_BOX = 32
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
@@ -28,66 +28,74 @@ def batched_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold:
     A box is dropped when a kept box of its group with a higher score overlaps it with IoU above
     iou_threshold: torchvision's `nms` rule, on exactly its IoU formula.
 
-    On the CPU, IoU is computed only between boxes of the same group, so the cost grows with the
-    sum of squared group sizes, not with the square of all boxes (one NMS over a batch of 8 images
-    x 91 classes would compare every box with every other). torchvision's own `batched_nms` loops
-    over classes in Python instead. On other devices, or for groups too big for pairs, groups are
-    moved apart by offsets and one `nms` kernel runs.
+    One `nms` kernel over all groups moved apart by offsets (torchvision's trick, kept on GPUs,
+    whose kernel is parallel) costs on the CPU ~(all boxes) x (kept boxes): every box is compared
+    with every other, of any group, so a batch of 8 images costs 64 times one image. Instead the
+    CPU compares boxes within their group only: see `_grouped_nms_cpu`.
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
     if boxes.device.type == "cpu":
-        keep = _grouped_greedy_nms(boxes, scores, group_ids, iou_threshold)
-        if keep is not None:
-            return keep
+        return _grouped_nms_cpu(boxes, scores, group_ids, iou_threshold)
     offsets = group_ids.to(boxes.dtype) * (boxes.max() + 1)  # (K,)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-def _grouped_greedy_nms(
-    boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float
-) -> Tensor | None:
-    """batched_nms over the pairs of boxes that share a group; None past _NMS_MAX_PAIRS pairs.
+def _grouped_nms_cpu(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
+    """batched_nms with the boxes sorted into groups: many small groups go through all their pairs
+    at once (`_greedy_nms_over_pairs`), a few large ones through one `nms` kernel each."""
+    # Score order (best first, stable), then grouped: within each group boxes stay best first.
+    order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
+    order = order[torch.sort(group_ids[order], stable=True).indices]  # (K,)
+    _, group_size = torch.unique_consecutive(group_ids[order], return_counts=True)  # (G',)
+    num_pairs = int((group_size * (group_size - 1) // 2).sum())
+    if num_pairs <= _NMS_PAIRS_PER_BOX * order.numel():
+        keep = order[_greedy_nms_over_pairs(boxes[order], group_size, num_pairs, iou_threshold)]  # (K',)
+    else:
+        sizes = group_size.tolist()
+        # A loop over groups, only when they are few and large: each iteration is one kernel.
+        keep = torch.cat(
+            [
+                idx[nms(b, s, iou_threshold)]
+                for b, s, idx in zip(
+                    boxes[order].split(sizes), scores[order].split(sizes), order.split(sizes), strict=True
+                )
+            ]
+        )  # (K',)
+    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
+
+
+def _greedy_nms_over_pairs(boxes: Tensor, group_size: Tensor, num_pairs: int, iou_threshold: float) -> Tensor:
+    """Kept mask (K,) of boxes (K, 4) sorted into groups of group_size (G',), best first in each.
 
     Greedy NMS is the fixed point of "kept = no kept, better box of my group overlaps me": starting
     from all kept, each sweep settles at least one more box in score order, and on detections it
     settles in a handful of sweeps because overlap chains are short.
     """
-    # Score order (best first, stable), then grouped: within each group boxes stay best first.
-    order = torch.sort(scores, descending=True, stable=True).indices  # (K,)
-    order = order[torch.sort(group_ids[order], stable=True).indices]  # (K,)
-    group = group_ids[order]  # (K,)
-    _, group_size = torch.unique_consecutive(group, return_counts=True)  # (G',)
-    num_pairs = int((group_size * (group_size - 1) // 2).sum())
-    if num_pairs > _NMS_MAX_PAIRS:
-        return None
     # Every (i, j), i before j in the same group: i repeated once per later box of its group.
     size = group_size.repeat_interleave(group_size)  # (K,) size of each box's group
     start = (torch.cumsum(group_size, 0) - group_size).repeat_interleave(group_size)  # (K,)
-    position = torch.arange(order.numel(), device=boxes.device)  # (K,)
+    position = torch.arange(boxes.shape[0], device=boxes.device)  # (K,)
     num_later = start + size - 1 - position  # (K,)
     first = position.repeat_interleave(num_later)  # (P,)
     pair_start = torch.cumsum(num_later, 0) - num_later  # (K,)
     second = first + 1 + torch.arange(num_pairs, device=boxes.device) - pair_start[first]  # (P,)
 
-    b = boxes[order]  # (K, 4)
-    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # (K,)
-    top_left = torch.maximum(b[first, :2], b[second, :2])  # (P, 2)
-    bottom_right = torch.minimum(b[first, 2:], b[second, 2:])  # (P, 2)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (K,)
+    top_left = torch.maximum(boxes[first, :2], boxes[second, :2])  # (P, 2)
+    bottom_right = torch.minimum(boxes[first, 2:], boxes[second, 2:])  # (P, 2)
     wh = (bottom_right - top_left).clamp(min=0)  # (P, 2)
     inter = wh[:, 0] * wh[:, 1]  # (P,)
     overlaps = inter / (area[first] + area[second] - inter) > iou_threshold  # (P,)
     first, second = first[overlaps], second[overlaps]  # (E,), (E,) edges: first suppresses second
 
-    kept = torch.ones(order.numel(), dtype=torch.bool, device=boxes.device)  # (K,)
+    kept = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)  # (K,)
     while True:  # converges in at most K sweeps; detections need a few
-        hits = torch.zeros(order.numel(), device=boxes.device).index_add_(0, second, kept[first].float())
+        hits = torch.zeros(boxes.shape[0], device=boxes.device).index_add_(0, second, kept[first].float())
         now_kept = hits == 0  # (K,)
         if torch.equal(now_kept, kept):
-            break
+            return kept
         kept = now_kept
-    keep = order[kept]  # (K',) grouped; back to best score first
-    return keep[torch.sort(scores[keep], descending=True, stable=True).indices]
 
 
 def _top_candidates_dense(

@@ -95,13 +95,15 @@ def test_batched_nms_equals_torchvisions_on_overlapping_clusters():
         assert torch.equal(got, expected), (num_boxes, num_groups, thresh)
 
 
-def test_batched_nms_with_too_many_pairs_uses_one_kernel_and_agrees(monkeypatch):
+def test_batched_nms_over_all_pairs_and_one_kernel_per_group_agree(monkeypatch):
     import retinanet.postprocess as post
 
     boxes, scores, groups = _clustered_boxes(300, 4, seed=7)
-    grouped = batched_nms(boxes, scores, groups, 0.5)
-    monkeypatch.setattr(post, "_NMS_MAX_PAIRS", 10)
-    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), grouped)
+    expected = tv_batched_nms(boxes, scores, groups, 0.5)
+    monkeypatch.setattr(post, "_NMS_PAIRS_PER_BOX", 10**9)  # always all pairs at once
+    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), expected)
+    monkeypatch.setattr(post, "_NMS_PAIRS_PER_BOX", 0)  # always a kernel per group
+    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), expected)
 
 
 def test_selecting_candidates_above_the_threshold_first_equals_a_top_k_over_every_logit(monkeypatch):
