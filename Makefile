@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 HOME_DIR ?= $(CURDIR)/.retinaops
 
-.PHONY: venv test test-fast lint bench demo clean
+.PHONY: venv test test-fast lint bench demo clean stack-up stack-down
 
 venv: $(STAMP)
 
@@ -32,8 +32,20 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out benchmarks/RESULTS.md
 
+# AP against latency on the synthetic set (~12 min on 2 cores): benchmarks/AP_LATENCY.md + ap_latency.png
+.PHONY: bench-ap
+bench-ap: $(STAMP)
+	$(PY) -m benchmarks.ap_latency
+
 demo: $(STAMP)
 	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops demo
+
+# The local service stack on 127.0.0.1 (S3, MLflow, a two-node Ray cluster); then: . .retinaops/stack/env
+stack-up: $(STAMP)
+	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops stack up
+
+stack-down: $(STAMP)
+	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops stack down
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

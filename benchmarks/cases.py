@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ from torchvision.models.detection.image_list import ImageList
 from benchmarks import inputs
 from retinanet import RetinaNet
 from retinanet.config import RetinaNetConfig
-from retinanet.fuse import fuse_frozen_bn
+from retinanet.fuse import compile_for_inference, fuse_frozen_bn
 from retinanet.model import pad_targets
 from retinanet.postprocess import postprocess
 
@@ -36,7 +37,7 @@ LATENCY_DEPTHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 @dataclass(frozen=True)
 class Case:
     name: str
-    kind: str  # train | loss | loss_fwd | post | infer | memory | latency
+    kind: str  # train | loss | loss_fwd | post | infer | memory | latency | profile
     batch: int
     size: int
     quick: bool
@@ -44,30 +45,46 @@ class Case:
     warmup: int = 1
     score_thresh: float | None = None  # post: None keeps torchvision's 0.05
     title: str = ""
+    compiled: bool = False  # infer: time compile_for_inference() (compiles in setup, minutes), not plain ours
 
 
+TRAIN = "train step: forward, loss, backward, SGD step"
+LOSS = "loss alone (matching + focal + box), forward + backward to head outputs"
+POST = "postprocess, ~4k candidates/image"
+POST_ALL = "postprocess, score_thresh 0 (every logit a candidate)"
+INFER = "inference end to end"
+MEMORY = "peak RSS of the train step"
+LATENCY = "latency by depth vs Faster R-CNN R50-FPN"
+
+# quick=True: the default set (`make bench`, ~16 min on 2 quiet cores); --full adds the rest.
+# Rounds are per build order: a case runs warmup + repeats rounds twice.
 CASES = {
     c.name: c
     for c in [
-        Case("train_b2_512", "train", 2, 512, True, 5, title="train step: forward, loss, backward, SGD step"),
-        Case(
-            "train_b8_800", "train", 8, 800, False, 3, title="train step: forward, loss, backward, SGD step"
-        ),
-        Case("loss_b8_800", "loss", 8, 800, True, 7, title="loss alone, forward + backward to head outputs"),
-        Case("loss_fwd_b8_800", "loss_fwd", 8, 800, True, 7, title="loss alone, forward only"),
-        Case("post_b1_800", "post", 1, 800, True, 15, 2, title="postprocess, ~4k candidates/image"),
-        Case("post_b8_800", "post", 8, 800, True, 7, title="postprocess, ~4k candidates/image"),
-        Case("post_all_b1_800", "post", 1, 800, True, 15, 2, 0.0, "postprocess, score_thresh 0"),
-        Case("post_all_b8_800", "post", 8, 800, True, 7, 1, 0.0, "postprocess, score_thresh 0"),
-        Case("infer_b1_512", "infer", 1, 512, True, 9, title="inference end to end (no_grad)"),
-        Case("infer_b8_512", "infer", 8, 512, False, 5, title="inference end to end (no_grad)"),
-        Case("memory_train_b2_512", "memory", 2, 512, True, 2, title="peak RSS of the train step"),
-        Case("memory_train_b8_800", "memory", 8, 800, False, 2, title="peak RSS of the train step"),
-        Case("latency_320", "latency", 1, 320, True, 5, title="latency by depth vs Faster R-CNN R50-FPN"),
-        Case("latency_512", "latency", 1, 512, True, 5, title="latency by depth vs Faster R-CNN R50-FPN"),
-        Case("latency_800", "latency", 1, 800, True, 3, title="latency by depth vs Faster R-CNN R50-FPN"),
+        Case("train_b2_512", "train", 2, 512, True, 3, title=TRAIN),
+        Case("train_b8_512", "train", 8, 512, False, 2, title=TRAIN),
+        Case("train_b2_800", "train", 2, 800, False, 2, title=TRAIN),
+        Case("train_b8_800", "train", 8, 800, False, 2, title=TRAIN),
+        Case("loss_b2_800", "loss", 2, 800, True, 7, title=LOSS),
+        Case("loss_b8_800", "loss", 8, 800, True, 4, title=LOSS),
+        Case("loss_fwd_b8_800", "loss_fwd", 8, 800, False, 5, title="loss alone, forward only"),
+        Case("post_b1_800", "post", 1, 800, True, 9, 2, title=POST),
+        Case("post_b8_800", "post", 8, 800, True, 7, title=POST),
+        Case("post_all_b1_800", "post", 1, 800, True, 9, 2, 0.0, POST_ALL),
+        Case("post_all_b8_800", "post", 8, 800, True, 5, 1, 0.0, POST_ALL),
+        Case("infer_b1_512", "infer", 1, 512, True, 5, title=INFER),
+        # Warm-up 0: setup already ran every implementation once (and compiled the compiled one).
+        Case("infer_b8_512", "infer", 8, 512, True, 2, 0, title=INFER, compiled=True),
+        Case("memory_train_b2_512", "memory", 2, 512, True, 2, title=MEMORY),
+        Case("profile_train_b2_512", "profile", 2, 512, True, 1, title="where a train step's time goes"),
+        Case("memory_train_b8_800", "memory", 8, 800, False, 1, title=MEMORY),
+        Case("latency_320", "latency", 1, 320, True, 3, title=LATENCY),
+        Case("latency_512", "latency", 1, 512, True, 2, title=LATENCY),
+        Case("latency_800", "latency", 1, 800, True, 1, title=LATENCY),
     ]
 }
+# The memory cases' implementations, one fresh process each.
+MEMORY_IMPLS = ("tv", "ours")
 
 
 @dataclass
@@ -266,7 +283,14 @@ def _post(case: Case, order: str, ours_config: dict | None) -> Setup:
     with torch.no_grad():
         expected, got = tv_post(), ours_post()
         above = (torch.sigmoid(cls_logits) > thresh).sum((1, 2))  # (N,)
+    # The floor of any exact postprocess: one read of every logit (here each anchor's max).
+    one_read = []
+    for _ in range(3):
+        start = time.perf_counter()
+        cls_logits.amax(dim=2)
+        one_read.append(time.perf_counter() - start)
     info = {
+        "one_read_of_the_logits_ms": min(one_read) * 1e3,
         "score_thresh": thresh,
         "candidates_above_thresh_per_image": above.float().mean().item(),
         "tv_detections": [len(d["scores"]) for d in expected],
@@ -287,27 +311,44 @@ def _infer(case: Case, order: str, ours_config: dict | None) -> Setup:
     tv, ours = build_pair(case, order, ours_config, prepare=spread_scores)
     tv.eval()
     ours.eval()
-    fused = fuse_frozen_bn(ours)
     images = inputs.images(case.batch, case.size)
-    models = {"tv": tv, "ours": ours, "ours_fused": fused}
-    if order == "ours-first":
-        models = {"ours": ours, "ours_fused": fused, "tv": tv}
-    impls = {name: _no_grad_call(m, images) for name, m in models.items()}
-    with torch.no_grad():
-        detections = {name: [len(d["scores"]) for d in fn()] for name, fn in impls.items()}
-    return Setup(impls, "tv", {"detections": detections, "ours_config": ours.config.to_dict()})
+    # Ours as we ship it for inference: BatchNorm folded, channels-last, under inference_mode.
+    mine = {"ours": ours, "ours_fused": fuse_frozen_bn(ours)}
+    if case.compiled:  # the compiled model instead of the plain one, which the batch-1 case times
+        mine = {"ours_fused": mine["ours_fused"], "ours_compiled": compile_for_inference(ours)}
+    models = {"tv": tv, **mine} if order == "baseline-first" else {**mine, "tv": tv}
+    impls = {
+        name: _no_grad_call(m, images, inference=name != "ours" and name != "tv")
+        for name, m in models.items()
+    }
+    detections, first_call_s, info = {}, {}, {}
+    for name, fn in list(impls.items()):  # the first call also compiles ours_compiled
+        start = time.perf_counter()
+        try:
+            detections[name] = [len(d["scores"]) for d in fn()]
+        except Exception as exc:  # torch.compile needs a working C++ toolchain: time the rest without it
+            if name != "ours_compiled":
+                raise
+            del impls[name]
+            info["compile_error"] = f"{type(exc).__name__}: {exc}"[:500]
+            continue
+        first_call_s[name] = round(time.perf_counter() - start, 1)
+    info.update(detections=detections, first_call_s=first_call_s, ours_config=ours.config.to_dict())
+    return Setup(impls, "tv", info)
 
 
-def _no_grad_call(model: nn.Module, images: list[Tensor]) -> Callable:
-    @torch.no_grad()
+def _no_grad_call(model: nn.Module, images: list[Tensor], *, inference: bool = False) -> Callable:
+    mode = torch.inference_mode if inference else torch.no_grad
+
     def call() -> object:
-        return model(images)
+        with mode():
+            return model(images)
 
     return call
 
 
 def _latency(case: Case, order: str) -> Setup:
-    """Our R18..R101 (and BN-folded copies) beside torchvision's Faster R-CNN R50-FPN, random init."""
+    """Our R18..R101 beside torchvision's Faster R-CNN R50-FPN, random init, both as built."""
     images = inputs.images(case.batch, case.size)
     models: dict[str, nn.Module] = {}
 
@@ -325,9 +366,8 @@ def _latency(case: Case, order: str) -> Setup:
             backbone=depth, num_classes=inputs.NUM_CLASSES, min_size=case.size, max_size=case.size,
             size_divisible=SIZE_DIVISIBLE,
         )  # fmt: skip
-        model = RetinaNet(config).eval()
-        models[f"ours_{depth}"] = model
-        models[f"ours_{depth}_fused"] = fuse_frozen_bn(model)
+        # As built, like Faster R-CNN beside it; what folding BatchNorm adds, the infer cases show.
+        models[f"ours_{depth}"] = RetinaNet(config).eval()
     if order == "ours-first":
         add_frcnn()
     impls = {name: _no_grad_call(m, images) for name, m in models.items()}

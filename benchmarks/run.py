@@ -45,7 +45,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    from benchmarks.cases import CASES, ORDERS
+    from benchmarks.cases import CASES, MEMORY_IMPLS, ORDERS
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=REPO / "benchmarks" / "RESULTS.md", help="markdown report")
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     # Internal: one (case, order) or one (memory case, implementation) in this process.
     p.add_argument("--worker", choices=sorted(CASES), help=argparse.SUPPRESS)
     p.add_argument("--order", choices=ORDERS, default=ORDERS[0], help=argparse.SUPPRESS)
-    p.add_argument("--impl", choices=("tv", "ours"), default=None, help=argparse.SUPPRESS)
+    p.add_argument("--impl", choices=MEMORY_IMPLS, default=None, help=argparse.SUPPRESS)
     p.add_argument("--ours-config", type=str, default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", type=Path, default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -132,6 +132,8 @@ def run_memory(
     tv, ours = build_pair(case, "baseline-first", ours_config)
     model = tv if impl == "tv" else ours
     del tv, ours  # the other model's memory goes back before the measurement starts
+    if impl == "ours_nhwc":
+        model.backbone.channels_last = True
     gc.collect()
     images = inputs.images(case.batch, case.size)
     targets = inputs.coco_like_targets(case.batch, case.size)
@@ -206,12 +208,14 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def drive(args: argparse.Namespace) -> dict:
-    from benchmarks.cases import CASES, ORDERS
+    from benchmarks.cases import CASES, MEMORY_IMPLS, ORDERS
 
     names = selected_cases(args)
     out_json = args.json or args.out.with_name("results.json")
     started = time.time()
+    gpu_json = args.out.with_name("gpu_results.json")  # from benchmarks.gpu on a CUDA machine, if any
     results = {
+        "gpu": json.loads(gpu_json.read_text()) if gpu_json.is_file() else None,
         "command": shlex.join(["python", "-m", "benchmarks.run", *sys.argv[1:]]),
         "date": dt.datetime.now().astimezone().isoformat(timespec="seconds"),
         "machine": machine(),
@@ -226,8 +230,10 @@ def drive(args: argparse.Namespace) -> dict:
         logger.info("case %s (%s) ...", name, case.title)
         if case.kind == "memory":
             results["cases"][name] = {
-                "memory": {impl: _spawn(args, name, ["--impl", impl]) for impl in ("tv", "ours")}
+                "memory": {impl: _spawn(args, name, ["--impl", impl]) for impl in MEMORY_IMPLS}
             }
+        elif case.kind == "profile":
+            results["cases"][name] = {"profile": _spawn(args, name, [])}
         else:
             runs, ours_config = [], None
             for order in ORDERS:
@@ -264,7 +270,13 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     ours_config = json.loads(args.ours_config) if args.ours_config else None
-    if args.impl is not None:
+    from benchmarks.cases import CASES
+
+    if CASES[args.worker].kind == "profile":
+        from benchmarks.profile import profile_train
+
+        result = profile_train(args.worker, ours_config)
+    elif args.impl is not None:
         result = run_memory(args.worker, args.impl, repeats=args.repeats, ours_config=ours_config)
     else:
         result = run_timed(args.worker, args.order, repeats=args.repeats, ours_config=ours_config)

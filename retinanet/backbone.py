@@ -60,11 +60,11 @@ class ResNetFPN(nn.Module):
         trainable_layers: int,
         channels_last: bool = False,
     ) -> None:
-        """channels_last: on the CPU, run on channels-last (NHWC) activations, which oneDNN's
-        convolutions compute ~10% faster, forward and backward; every later layer, the heads
-        included, keeps the layout. Weights keep theirs, so state dicts and optimizers are the same.
-        Off by default because it changes float rounding: results are then equal to torchvision's
-        up to rounding, not bit for bit."""
+        """channels_last: run on channels-last (NHWC) activations, which oneDNN's convolutions
+        compute ~10% faster on the CPU, forward and backward, and cuDNN's tensor-core ones need
+        under AMP on a GPU; every later layer, the heads included, keeps the layout. Weights keep
+        theirs, so state dicts and optimizers are the same. Off by default because it changes float
+        rounding: results are then equal to torchvision's up to rounding, not bit for bit."""
         super().__init__()
         self.channels_last = channels_last
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
@@ -83,7 +83,7 @@ class ResNetFPN(nn.Module):
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        if self.channels_last and x.device.type == "cpu":
+        if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         c_maps: OrderedDict[str, Tensor] = self.body(x)  # C3, C4, C5
         return list(self.fpn(c_maps).values())  # P3..P7

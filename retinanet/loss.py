@@ -1,7 +1,7 @@
 """Sigmoid focal loss and box loss over the whole batch, normalised by foreground anchors.
 
 Legend: N images, G padded ground-truth boxes, A anchors, C classes.
-No Python loop over images or anchors and no host sync: every count stays a tensor.
+No Python loop over images or anchors; off the CPU no host sync either: every count stays a tensor.
 """
 
 from __future__ import annotations
@@ -26,89 +26,132 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None, gam
     return loss
 
 
-def _focal_terms(logits: Tensor, alpha: float | None, gamma: float, positive: bool) -> Tensor:
-    """Focal loss of every element as if its target were 1 (positive) or 0, without a target tensor."""
-    # For target 0: ce = softplus(x) and 1 - p_t = p; for target 1: ce = softplus(-x) and 1 - p_t = 1 - p.
-    sign = -1.0 if positive else 1.0
-    loss = F.softplus(sign * logits)
-    if gamma != 0:
-        loss = loss * torch.sigmoid(sign * logits) ** gamma
-    if alpha is not None:
-        loss = loss * (alpha if positive else 1 - alpha)
-    return loss
-
-
-# Blocks of the fused focal loss on the CPU: at least _FOCAL_BLOCK elements, so that the ~4 float32
-# temporaries of a block (4 MiB each) stay in cache instead of streaming (N, A, C) arrays through
-# memory once per elementwise op; at most _FOCAL_MAX_BLOCKS blocks, because every op is one
-# fork-join of the intra-op threads, and on a busy machine each costs a scheduler time slice.
-_FOCAL_BLOCK = 1 << 20
-_FOCAL_MAX_BLOCKS = 16
+# Blocks of the fused focal loss on the CPU: at least _FOCAL_BLOCK elements, whose 4 float32
+# workspaces (2 MiB each) are allocated once and reused by every block, so that elementwise ops run
+# in cache instead of streaming (N, A, C) arrays through memory or page-faulting fresh ones in; at
+# most _FOCAL_MAX_BLOCKS blocks, because every op is one fork-join of the intra-op threads, and on a
+# busy machine each can cost a scheduler time slice.
+_FOCAL_BLOCK = 1 << 19
+_FOCAL_MAX_BLOCKS = 64
+_FOCAL_BLOCK_GPU = 1 << 24  # 64 MiB workspaces; a batch of 16 at 800 px is ~11 blocks
 _TINY = torch.finfo(torch.float32).tiny
 
 
-def _negative_terms(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """p = sigmoid(x), q = 1 - p and softplus(x) = -log(q) of float32 x, each without cancellation.
+def _negative_block(x: Tensor, gamma: float, workspace: list[Tensor], grad: Tensor | None) -> Tensor:
+    """Focal loss with target 0 of float32 x (r, C), without alpha: p^gamma softplus(x), in workspace[1].
 
-    log, not log1p (~7x slower on the CPU): for x << 0 softplus then has the precision of
-    torchvision's binary_cross_entropy_with_logits, which computes the same log(1 + e^x).
+    With `grad`, also writes its derivative p^gamma (gamma (1 - p) softplus(x) + p) there.
+    softplus(x) is -log(1 - p) with 1 - p = sigmoid(-x), free of cancellation; log, not log1p
+    (~7x slower on the CPU): for x << 0 it has the precision of torchvision's
+    binary_cross_entropy_with_logits, which computes the same log(1 + e^x).
     """
-    q = torch.sigmoid(-x)
-    softplus = q.clamp(min=_TINY).log_().neg_()
+    rows = x.shape[0]
+    q, softplus, p, tmp = (w[:rows] for w in workspace)  # (r, C) each
+    torch.sigmoid(torch.neg(x, out=q), out=q)  # 1 - p
+    torch.clamp(q, min=_TINY, out=softplus).log_().neg_()
     torch.maximum(softplus, x, out=softplus)  # past x ~ 87, q underflows and softplus(x) = x
-    return torch.sigmoid(x), q, softplus
+    torch.sigmoid(x, out=p)
+    if gamma == 0:
+        if grad is not None:
+            grad.copy_(p)
+        return softplus
+    if grad is not None:
+        torch.addcmul(p, softplus, q, value=gamma, out=tmp)  # gamma (1 - p) softplus + p
+    weight = p.mul_(p) if gamma == 2 else p.pow_(gamma)  # p^gamma
+    if grad is not None:
+        torch.mul(tmp, weight, out=grad)
+    return softplus.mul_(weight)
 
 
-class _NegativeFocalSum(torch.autograd.Function):
-    """sum over classes of the focal loss with target 0: (N, A, C) logits -> (N, A) float32.
+def _positive_terms(x: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """Focal loss with target 1 of float32 x (R, 1), without alpha, and its derivative: the
+    target-0 terms of -x, the derivative negated."""
+    loss, grad = torch.empty_like(x), torch.empty_like(x)
+    loss.copy_(_negative_block(x.neg(), gamma, [torch.empty_like(x) for _ in range(4)], grad))
+    return loss, grad.neg_()
 
-    Per element, with p = sigmoid(x): loss = (1 - alpha) p^gamma softplus(x) and
-    d loss / dx = (1 - alpha) p^gamma (gamma (1 - p) softplus(x) + p). Forward and backward work in
-    blocks of rows and keep nothing but the logits for backward, where autograd of the same
-    formula would keep several (N, A, C) float32 tensors alive until backward.
+
+class _FocalSum(torch.autograd.Function):
+    """Focal loss summed over classes: (N, A, C) logits, (N, A) labels (-1 none) -> (N, A) float32.
+
+    Every element is scored as a negative in blocks of rows (`_negative_block`); in each block the
+    one positive element of a foreground anchor is multiplied out (x 0, exact) before the row sum,
+    and its positive term is added to the sum. The one-hot target is never built. When the
+    logits need a gradient, the forward pass writes it as it goes, sharing the sigmoids and the log
+    with the loss, and backward only scales it: once_differentiable, so nothing else is kept.
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, alpha: float | None, gamma: float) -> Tensor:
+    def forward(ctx, logits: Tensor, labels: Tensor, alpha: float | None, gamma: float) -> Tensor:
         n, a, c = logits.shape
-        flat = logits.reshape(n * a, c)  # (N * A, C)
-        out = torch.empty(n * a, dtype=torch.float32, device=logits.device)  # (N * A,)
+        flat = logits.reshape(n * a, c)  # (R, C), R = N * A
+        col = labels.reshape(n * a, 1).clamp(min=0)  # (R, 1)
+        not_fg = (labels.reshape(n * a, 1) < 0).float()  # (R, 1)
+        out = torch.empty(n * a, dtype=torch.float32, device=logits.device)  # (R,)
+        # float32 only: a gradient kept in bfloat16 would be rounded twice.
+        grad = torch.empty_like(flat) if ctx.needs_input_grad[0] and logits.dtype == torch.float32 else None
         rows = _block_rows(flat)
+        workspace = [torch.empty(min(rows, n * a), c, device=logits.device) for _ in range(4)]  # (r, C) each
         for start in range(0, n * a, rows):  # blocks of memory, not a loop over images or anchors
-            p, _, loss = _negative_terms(flat[start : start + rows].float())  # (r, C) each
-            if gamma != 0:
-                loss.mul_(p.mul_(p) if gamma == 2 else p.pow_(gamma))
-            torch.sum(loss, dim=1, out=out[start : start + rows])
-        if alpha is not None:
-            out.mul_(1 - alpha)
-        ctx.save_for_backward(logits)
+            stop = start + rows
+            block_grad = None if grad is None else grad[start:stop]
+            loss = _negative_block(flat[start:stop].float(), gamma, workspace, block_grad)  # (r, C)
+            loss.scatter_reduce_(1, col[start:stop], not_fg[start:stop], "prod")
+            torch.sum(loss, dim=1, out=out[start:stop])
+        positive, positive_grad = _positive_terms(flat.gather(1, col).float(), gamma)  # (R, 1), (R, 1)
+        out.mul_(1.0 if alpha is None else 1 - alpha)
+        out.add_(positive[:, 0].mul_(1 - not_fg[:, 0]), alpha=1.0 if alpha is None else alpha)
+        ctx.save_for_backward(logits, labels)
+        ctx.grad = None if grad is None else (grad, positive_grad)
         ctx.alpha, ctx.gamma = alpha, gamma
         return out.view(n, a)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None]:
-        (logits,) = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, None, None, None]:
+        logits, labels = ctx.saved_tensors
         alpha, gamma = ctx.alpha, ctx.gamma
+        kept, ctx.grad = ctx.grad, None  # a second backward (retain_graph) recomputes it
         n, a, c = logits.shape
-        flat = logits.reshape(n * a, c)  # (N * A, C)
-        scale = grad_out.reshape(n * a, 1).float() * (1.0 if alpha is None else 1 - alpha)  # (N * A, 1)
-        grad = torch.empty_like(flat)  # (N * A, C) in the logits' dtype
-        rows = _block_rows(flat)
-        for start in range(0, n * a, rows):  # blocks of memory, as in forward
-            p, q, softplus = _negative_terms(flat[start : start + rows].float())  # (r, C) each
-            d = p
-            if gamma != 0:
-                d = softplus.mul_(q).mul_(gamma).add_(p)  # gamma (1 - p) softplus + p
-                d.mul_(p.mul_(p) if gamma == 2 else p.pow_(gamma))
-            torch.mul(d, scale[start : start + rows], out=grad[start : start + rows])
-        return grad.view(n, a, c), None, None
+        flat = logits.reshape(n * a, c)  # (R, C)
+        col = labels.reshape(n * a, 1).clamp(min=0)  # (R, 1)
+        grad_out = grad_out.reshape(n * a, 1).float()  # (R, 1)
+        scale = grad_out * (1.0 if alpha is None else 1 - alpha)  # (R, 1)
+        if kept is None:
+            grad = torch.empty_like(flat)  # (R, C) in the logits' dtype
+            rows = _block_rows(flat)
+            workspace = [torch.empty(min(rows, n * a), c, device=flat.device) for _ in range(5)]
+            for start in range(0, n * a, rows):  # blocks of memory, as in forward
+                stop = start + rows
+                d = workspace[4][: min(rows, n * a - start)]  # (r, C)
+                _negative_block(flat[start:stop].float(), gamma, workspace[:4], d)
+                torch.mul(d, scale[start:stop], out=grad[start:stop])
+            _, positive = _positive_terms(flat.gather(1, col).float(), gamma)  # (R, 1)
+        else:
+            grad, positive = kept
+            grad.mul_(scale)
+        positive = positive.mul_(grad_out).mul_(1.0 if alpha is None else alpha).to(grad.dtype)  # (R, 1)
+        fg_mask = labels.reshape(n * a) >= 0  # (R,)
+        if _on_cpu(grad):
+            # Index the few foreground rows (a host sync, free on the CPU): a scatter over all R
+            # rows would touch one cache line per row.
+            rows_fg = fg_mask.nonzero()[:, 0]  # (F,)
+            grad[rows_fg, col[rows_fg, 0]] = positive[rows_fg, 0]
+        else:
+            grad.scatter_(1, col, torch.where(fg_mask[:, None], positive, grad.gather(1, col)))
+        return grad.view(n, a, c), None, None, None
+
+
+def _on_cpu(t: Tensor) -> bool:
+    """Blocks and host-side indexing pay on the CPU; elsewhere one block and no host sync.
+    (Tests replace it to run the GPU path on the CPU.)"""
+    return t.device.type == "cpu"
 
 
 def _block_rows(flat: Tensor) -> int:
     rows, width = flat.shape
-    if flat.device.type != "cpu":  # one block: a GPU wants few, large kernels
-        return max(1, rows)
+    if not _on_cpu(flat):  # a GPU wants few, large kernels; blocks only bound the workspaces' memory
+        return max(1, _FOCAL_BLOCK_GPU // max(1, width))
     return max(1, _FOCAL_BLOCK // max(1, width), -(-rows // _FOCAL_MAX_BLOCKS))
 
 
@@ -117,21 +160,29 @@ def focal_loss_per_image(
 ) -> Tensor:
     """Summed focal loss per image: cls_logits (N, A, C), gt_labels (N, A) (-1 none), valid_mask (N, A) -> (N,).
 
-    The one-hot target is never built: every element is scored as a negative (fused, see
-    `_NegativeFocalSum`), then the one positive element of each foreground anchor is corrected
-    from its negative to its positive term. Computed in float32 whatever the logits' dtype: the
-    loss sums ~10^6 small terms.
+    Computed in float32 whatever the logits' dtype, without a one-hot target (see `_FocalSum`):
+    the loss sums ~10^6 small terms.
     """
-    negative = _NegativeFocalSum.apply(cls_logits, alpha, gamma)  # (N, A)
-    fg_mask = gt_labels >= 0  # (N, A)
-    fg_logits = cls_logits.gather(2, gt_labels.clamp(min=0)[..., None])[..., 0].float()  # (N, A)
-    # The negative term is taken back with the same fused arithmetic that added it, so that the two
-    # cancel to the last bit; computed another way, their ~1e-7 relative differences would swamp
-    # the small positive term of a well-classified object anchor.
-    fg_negative = _NegativeFocalSum.apply(fg_logits[..., None], alpha, gamma)  # (N, A)
-    correction = _focal_terms(fg_logits, alpha, gamma, True) - fg_negative  # (N, A)
-    per_anchor = negative + torch.where(fg_mask, correction, 0.0)  # (N, A)
+    per_anchor = _FocalSum.apply(cls_logits, gt_labels, alpha, gamma)  # (N, A)
     return torch.where(valid_mask, per_anchor, 0.0).sum(dim=1)  # (N,)
+
+
+def _box_loss(
+    bbox_regression: Tensor,
+    targets: Tensor,
+    anchors: Tensor,
+    kind: str,
+    weights: tuple[float, ...],
+    beta: float,
+) -> Tensor:
+    """Box loss of each anchor: predicted transforms, target boxes, anchors (..., 4) each -> (...)."""
+    bbox_regression = bbox_regression.float()
+    if kind == "giou":
+        return box_ops.giou_loss(box_ops.decode(bbox_regression, anchors, weights), targets)  # (...)
+    target_deltas = box_ops.encode(targets, anchors, weights)  # (..., 4)
+    if kind == "l1":
+        return (bbox_regression - target_deltas).abs().sum(dim=-1)  # (...)
+    return F.smooth_l1_loss(bbox_regression, target_deltas, reduction="none", beta=beta).sum(-1)  # (...)
 
 
 def box_loss_per_image(
@@ -145,19 +196,33 @@ def box_loss_per_image(
     beta: float,
 ) -> Tensor:
     """Summed box loss over foreground anchors per image: (N, A, 4), (N, A, 4), (N, A), (A, 4) -> (N,)."""
-    bbox_regression = bbox_regression.float()
     # Background anchors get their own anchor as a target, so no log(0) reaches the graph.
     targets = torch.where(fg_mask[..., None], matched_boxes, anchors)  # (N, A, 4)
-    if kind == "giou":
-        predicted = box_ops.decode(bbox_regression, anchors, weights)  # (N, A, 4)
-        per_anchor = box_ops.giou_loss(predicted, targets)  # (N, A)
-    else:
-        target_deltas = box_ops.encode(targets, anchors, weights)  # (N, A, 4)
-        if kind == "l1":
-            per_anchor = (bbox_regression - target_deltas).abs().sum(dim=2)  # (N, A)
-        else:
-            per_anchor = F.smooth_l1_loss(bbox_regression, target_deltas, reduction="none", beta=beta).sum(2)
+    per_anchor = _box_loss(
+        bbox_regression, targets, anchors.expand_as(targets), kind, weights, beta
+    )  # (N, A)
     return torch.where(fg_mask, per_anchor, 0.0).sum(dim=1)  # (N,)
+
+
+def _box_loss_of_foreground(
+    bbox_regression: Tensor,
+    gt_boxes: Tensor,
+    matches: Tensor,
+    anchors: Tensor,
+    *,
+    kind: str,
+    weights: tuple[float, ...],
+    beta: float,
+) -> Tensor:
+    """`box_loss_per_image` over the foreground anchors only, found by index (a host sync, free on
+    the CPU): the loss and its gradient touch F ~ 10^2 anchors instead of N x A ~ 10^6.
+    (N, A, 4), (N, G, 4), (N, A), (A, 4) -> (N,)."""
+    image_idx, anchor_idx = (matches >= 0).nonzero().unbind(1)  # (F,), (F,)
+    targets = gt_boxes[image_idx, matches[image_idx, anchor_idx]]  # (F, 4)
+    per_anchor = _box_loss(
+        bbox_regression[image_idx, anchor_idx], targets, anchors[anchor_idx], kind, weights, beta
+    )  # (F,)
+    return torch.zeros(len(matches), device=matches.device).index_add_(0, image_idx, per_anchor)  # (N,)
 
 
 class RetinaNetLoss(nn.Module):
@@ -205,18 +270,14 @@ class RetinaNetLoss(nn.Module):
         fg_mask = matches >= 0  # (N, A)
         gt_idx = matches.clamp(min=0)  # (N, A)
         labels = torch.where(fg_mask, gt_labels.gather(1, gt_idx), -1)  # (N, A)
-        matched_boxes = gt_boxes.gather(1, gt_idx[..., None].expand(-1, -1, 4))  # (N, A, 4)
 
         cls_sum = focal_loss_per_image(cls_logits, labels, matches != IGNORE, self.alpha, self.gamma)  # (N,)
-        box_sum = box_loss_per_image(
-            bbox_regression,
-            matched_boxes,
-            fg_mask,
-            anchors,
-            kind=self.box_loss,
-            weights=self.box_weights,
-            beta=self.smooth_l1_beta,
-        )  # (N,)
+        box_args = {"kind": self.box_loss, "weights": self.box_weights, "beta": self.smooth_l1_beta}
+        if _on_cpu(matches):
+            box_sum = _box_loss_of_foreground(bbox_regression, gt_boxes, matches, anchors, **box_args)  # (N,)
+        else:  # dense, without a host sync
+            matched_boxes = gt_boxes.gather(1, gt_idx[..., None].expand(-1, -1, 4))  # (N, A, 4)
+            box_sum = box_loss_per_image(bbox_regression, matched_boxes, fg_mask, anchors, **box_args)  # (N,)
         num_fg = fg_mask.sum(dim=1).float()  # (N,)
 
         if self.normalizer == "per_image":

@@ -1,6 +1,6 @@
 """Anchor-to-object assignment for a whole batch at once.
 
-Legend: N images, G padded ground-truth boxes, A anchors.
+Legend: N images, G padded ground-truth boxes, A anchors, S anchors of one block.
 Result per anchor: the index of its object in [0, G), BACKGROUND (-1) or IGNORE (-2).
 Same rules as torchvision's `Matcher(0.5, 0.4, allow_low_quality_matches=True)`.
 """
@@ -10,10 +10,20 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from retinanet.boxes import box_area, pairwise_intersection
-
 BACKGROUND = -1
 IGNORE = -2
+# On the CPU the (N, G, A) IoU is computed in blocks of anchors of about this many (N, G, S)
+# elements (1 MiB of float32), so that its ~10 temporaries stay in cache and are not page-faulted
+# in afresh for every elementwise op; each block is a handful of whole-batch ops, and the number of
+# blocks is bounded by _MAX_BLOCKS. A GPU takes everything in one block.
+_BLOCK = 1 << 18
+_MAX_BLOCKS = 64
+
+
+def _on_cpu(t: Tensor) -> bool:
+    """Blocks and host checks pay on the CPU; elsewhere one block and no host sync.
+    (Tests replace it to run the GPU path on the CPU.)"""
+    return t.device.type == "cpu"
 
 
 class Matcher:
@@ -32,23 +42,53 @@ class Matcher:
 
     def __call__(self, gt_boxes: Tensor, gt_valid: Tensor, gt_crowd: Tensor, anchors: Tensor) -> Tensor:
         """gt_boxes (N, G, 4), gt_valid (N, G), gt_crowd (N, G), anchors (A, 4) -> matches (N, A) int64."""
-        inter = pairwise_intersection(gt_boxes, anchors)  # (N, G, A)
-        anchor_area = box_area(anchors)  # (A,)
-        union = box_area(gt_boxes)[..., None] + anchor_area - inter  # (N, G, A)
+        num_images, num_gt, _ = gt_boxes.shape
         object_mask = gt_valid & ~gt_crowd  # (N, G)
-        # Padding and crowd rows can never win: IoU -1 is below every threshold.
-        iou = torch.where(object_mask[..., None], inter / union, -1.0)  # (N, G, A)
-        best_iou, best_gt = iou.max(dim=1)  # (N, A), (N, A)
+        crowd_mask = gt_valid & gt_crowd  # (N, G)
+        # One host check on the CPU (free there) skips the crowd pass when, as usual, there is none.
+        has_crowd = bool(crowd_mask.any()) if _on_cpu(gt_boxes) else True
+        gt = [c[..., None] for c in gt_boxes.unbind(-1)]  # 4 x (N, G, 1): x1, y1, x2, y2
+        # Padding and crowd rows get an infinite area, so their IoU is 0: they never reach a
+        # threshold, and they lose every tie to a real object with a positive IoU.
+        gt_area = torch.where(
+            object_mask[..., None], (gt[2] - gt[0]) * (gt[3] - gt[1]), torch.inf
+        )  # (N, G, 1)
+        crowd_weight = crowd_mask[..., None].to(gt_boxes.dtype)  # (N, G, 1)
+
+        num_anchors = anchors.shape[0]
+        block = num_anchors
+        if _on_cpu(anchors):
+            block = max(_BLOCK // max(1, num_images * num_gt), -(-num_anchors // _MAX_BLOCKS), 1)
+        coords = anchors.t().contiguous()  # (4, A): each coordinate contiguous, so broadcasts vectorise
+        ious, best, ioas = [], [], []
+        for start in range(0, num_anchors, block):  # blocks of memory, not a loop over anchors
+            a = coords[:, start : start + block].unbind(0)  # 4 x (S,)
+            anchor_area = (a[2] - a[0]) * (a[3] - a[1])  # (S,)
+            # torchvision's box_iou arithmetic, one coordinate at a time: the same IoU to the bit.
+            inter = torch.minimum(gt[2], a[2]).sub_(torch.maximum(gt[0], a[0])).clamp_(min=0)  # (N, G, S)
+            height = torch.minimum(gt[3], a[3]).sub_(torch.maximum(gt[1], a[1])).clamp_(min=0)  # (N, G, S)
+            inter.mul_(height)
+            iou = torch.add(gt_area, anchor_area, out=height).sub_(inter)  # (N, G, S) union, then IoU
+            iou = torch.div(inter, iou, out=iou)
+            ious.append(iou)
+            best.append(iou.max(dim=1))  # (N, S), (N, S)
+            if has_crowd:
+                ioas.append(inter.mul_(crowd_weight).amax(dim=1).div_(anchor_area))  # (N, S)
+        best_iou = torch.cat([b.values for b in best], dim=1)  # (N, A)
+        best_gt = torch.cat([b.indices for b in best], dim=1)  # (N, A)
 
         matches = torch.where(best_iou >= self.fg_iou_thresh, best_gt, IGNORE)  # (N, A)
         matches = torch.where(best_iou < self.bg_iou_thresh, BACKGROUND, matches)  # (N, A)
 
         if self.allow_low_quality_matches:
-            highest = iou.max(dim=2, keepdim=True).values  # (N, G, 1)
-            # An object that overlaps no anchor at all elects none (torchvision would elect every anchor).
-            elected = (iou == highest) & object_mask[..., None] & (highest > 0)  # (N, G, A)
-            matches = torch.where(elected.any(dim=1), best_gt, matches)  # (N, A)
+            highest = torch.stack([iou.amax(dim=2) for iou in ious]).amax(dim=0)  # (N, G)
+            # An object that overlaps no anchor at all elects none (torchvision would elect every
+            # anchor); padding and crowd rows elect none either. 2 is above every IoU.
+            highest = torch.where(object_mask & (highest > 0), highest, 2.0)[..., None]  # (N, G, 1)
+            elected = torch.cat([(iou == highest).any(dim=1) for iou in ious], dim=1)  # (N, A)
+            matches = torch.where(elected, best_gt, matches)  # (N, A)
 
-        crowd_mask = gt_valid & gt_crowd  # (N, G)
-        ioa = torch.where(crowd_mask[..., None], inter / anchor_area, 0.0).amax(dim=1)  # (N, A)
+        if not has_crowd:
+            return matches
+        ioa = torch.cat(ioas, dim=1)  # (N, A) intersection over anchor area, largest over crowd rows
         return torch.where((matches == BACKGROUND) & (ioa >= self.fg_iou_thresh), IGNORE, matches)  # (N, A)

@@ -96,6 +96,9 @@ class RetinaNet(nn.Module):
             norm=config.head_norm,
             prior=config.prior_probability,
         )
+        # On the model's device, so that normalising an image there copies nothing from the host.
+        self.register_buffer("image_mean", torch.tensor(config.image_mean), persistent=False)
+        self.register_buffer("image_std", torch.tensor(config.image_std), persistent=False)
         self.matcher = Matcher(config.fg_iou_thresh, config.bg_iou_thresh, config.allow_low_quality_matches)
         self.loss = RetinaNetLoss(
             alpha=config.focal_alpha,
@@ -122,7 +125,8 @@ class RetinaNet(nn.Module):
                 raise ValueError(f"RetinaNet: images[{i}] must be a (3, H, W) float tensor, got {shape}")
             if not image.is_floating_point():
                 raise ValueError(f"RetinaNet: images[{i}] must be float in [0, 1], got {image.dtype}")
-            image = resize(normalize(image, cfg.image_mean, cfg.image_std), cfg.min_size, cfg.max_size)
+            mean, std = self.image_mean.to(image.dtype), self.image_std.to(image.dtype)
+            image = resize(normalize(image, mean, std), cfg.min_size, cfg.max_size)
             resized.append(image)
             sizes.append((image.shape[-2], image.shape[-1]))
         if targets is not None:
@@ -141,7 +145,8 @@ class RetinaNet(nn.Module):
         return batch_images(resized, cfg.size_divisible), sizes, targets
 
     def _check_targets(self, gt_boxes: Tensor, gt_labels: Tensor, gt_valid: Tensor) -> None:
-        # One host sync for the whole batch, outside the loss: bad targets must fail loudly.
+        # One check for the whole batch, outside the loss: bad targets must fail loudly. It waits
+        # for the device only when the targets live there (forward checks them where they are).
         degenerate = (gt_boxes[..., 2:] <= gt_boxes[..., :2]).any(-1) | ~torch.isfinite(gt_boxes).all(-1)
         bad_label = (gt_labels < 0) | (gt_labels >= self.config.num_classes)
         bad = gt_valid & (degenerate | bad_label)  # (N, G)
@@ -167,8 +172,11 @@ class RetinaNet(nn.Module):
         anchors = self.anchor_generator(tuple(batch.shape[-2:]), feature_hw, batch)  # (A, 4)
 
         if self.training:
-            gt_boxes, gt_labels, gt_valid, gt_crowd = pad_targets(targets, batch.device)
-            self._check_targets(gt_boxes, gt_labels, gt_valid)
+            # Padded and checked where the targets are (on the CPU, a check that waits for no
+            # device), then copied to the batch's device without waiting.
+            padded = pad_targets(targets, targets[0]["boxes"].device)
+            self._check_targets(*padded[:3])
+            gt_boxes, gt_labels, gt_valid, gt_crowd = (t.to(batch.device, non_blocking=True) for t in padded)
             matches = self.matcher(gt_boxes, gt_valid, gt_crowd, anchors)  # (N, A)
             return self.loss(cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels)
 

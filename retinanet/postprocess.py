@@ -17,9 +17,16 @@ from retinanet import boxes as box_ops
 # The sparse path sorts every logit above the threshold; past this many per (image, level) and
 # top-k slot, one dense top-k per level is cheaper.
 _SPARSE_MAX_PER_SLOT = 16
-# Grouped NMS on the CPU: all pairs within groups at once while they average at most this many
-# per box (many small groups: a batch of images x classes); beyond, one `nms` kernel per group.
+# Grouped NMS: all pairs within groups at once while they average at most this many per box
+# (many small groups: a batch of images x classes); beyond, one `nms` kernel per group.
 _NMS_PAIRS_PER_BOX = 32
+# On a GPU, one offset `nms` kernel up to this many boxes (torchvision's own limit for it).
+_OFFSET_NMS_MAX_BOXES = 5000
+
+
+def _on_cpu(t: Tensor) -> bool:
+    """(Tests replace it to run the GPU path on the CPU.)"""
+    return t.device.type == "cpu"
 
 
 def batched_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
@@ -28,20 +35,21 @@ def batched_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold:
     A box is dropped when a kept box of its group with a higher score overlaps it with IoU above
     iou_threshold: torchvision's `nms` rule, on exactly its IoU formula.
 
-    One `nms` kernel over all groups moved apart by offsets (torchvision's trick, kept on GPUs,
-    whose kernel is parallel) costs on the CPU ~(all boxes) x (kept boxes): every box is compared
-    with every other, of any group, so a batch of 8 images costs 64 times one image. Instead the
-    CPU compares boxes within their group only: see `_grouped_nms_cpu`.
+    One `nms` kernel over all groups moved apart by offsets (torchvision's trick) compares every
+    box with every other, of any group: on the CPU that costs ~(all boxes) x (kept boxes), so a
+    batch of 8 images costs 64 times one image, and on a GPU its (K, K) overlap mask, copied to
+    the host, grows with the square of the batch too. So the CPU always, and a GPU past
+    _OFFSET_NMS_MAX_BOXES boxes, compares boxes within their group only: see `_grouped_nms`.
     """
     if boxes.numel() == 0:
         return torch.empty((0,), dtype=torch.int64, device=boxes.device)
-    if boxes.device.type == "cpu":
-        return _grouped_nms_cpu(boxes, scores, group_ids, iou_threshold)
+    if _on_cpu(boxes) or boxes.shape[0] > _OFFSET_NMS_MAX_BOXES:
+        return _grouped_nms(boxes, scores, group_ids, iou_threshold)
     offsets = group_ids.to(boxes.dtype) * (boxes.max() + 1)  # (K,)
     return nms(boxes + offsets[:, None], scores, iou_threshold)
 
 
-def _grouped_nms_cpu(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
+def _grouped_nms(boxes: Tensor, scores: Tensor, group_ids: Tensor, iou_threshold: float) -> Tensor:
     """batched_nms with the boxes sorted into groups: many small groups go through all their pairs
     at once (`_greedy_nms_over_pairs`), a few large ones through one `nms` kernel each."""
     # Score order (best first, stable), then grouped: within each group boxes stay best first.
@@ -99,24 +107,40 @@ def _greedy_nms_over_pairs(boxes: Tensor, group_size: Tensor, num_pairs: int, io
 
 
 def _top_candidates_dense(
-    cls_logits: Tensor, num_anchors_per_level: list[int], topk_candidates: int
+    cls_logits: Tensor, anchor_max: Tensor, num_anchors_per_level: list[int], topk_candidates: int
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-k logits of every (image, level): image_idx (M,), flat index a * C + c (M,), logit (M,)."""
-    num_images, _, num_classes = cls_logits.shape
+    """The top-k logits of every (image, level): image_idx (M,), flat index a * C + c (M,), logit (M,).
+
+    anchor_max (N, A) is each anchor's best logit. The k best logits of a level lie in the k anchors
+    with the best maxima (an anchor holding one has a maximum at least the k-th best logit, and at
+    most k anchors do, ties aside), so a top-k over (N, A_l) anchors and then over their (N, k * C)
+    logits replaces a top-k over all (N, A_l * C), which costs several times the one read of them.
+    """
+    num_images, num_anchors, num_classes = cls_logits.shape
+    rows = cls_logits.reshape(num_images * num_anchors, num_classes)  # (N * A, C)
+    first_row = torch.arange(num_images, device=cls_logits.device)[:, None] * num_anchors  # (N, 1)
     image_idx, flat_idx, values = [], [], []
     start = 0
     for size in num_anchors_per_level:  # a loop over the 5 levels; images stay batched
-        logits = cls_logits[:, start : start + size].flatten(1)  # (N, A_l * C)
-        top_logits, top_idx = logits.topk(min(topk_candidates, logits.shape[1]), dim=1)  # (N, k), (N, k)
-        image_idx.append(torch.arange(num_images, device=logits.device)[:, None].expand_as(top_idx).flatten())
-        flat_idx.append((top_idx + start * num_classes).flatten())
+        k = min(topk_candidates, size * num_classes)
+        _, top_anchor = anchor_max[:, start : start + size].topk(min(k, size), dim=1)  # (N, k_a)
+        top_anchor += start
+        logits = rows.index_select(0, (first_row + top_anchor).flatten()).view(num_images, -1)  # (N, k_a * C)
+        top_logits, top_pos = logits.topk(k, dim=1)  # (N, k), (N, k)
+        anchor_idx = top_anchor.gather(1, top_pos // num_classes)  # (N, k)
+        image_idx.append(torch.arange(num_images, device=logits.device)[:, None].expand_as(top_pos).flatten())
+        flat_idx.append((anchor_idx * num_classes + top_pos % num_classes).flatten())
         values.append(top_logits.flatten())
         start += size
     return torch.cat(image_idx), torch.cat(flat_idx), torch.cat(values)
 
 
 def _top_candidates_sparse(
-    cls_logits: Tensor, num_anchors_per_level: list[int], topk_candidates: int, min_logit: float
+    cls_logits: Tensor,
+    anchor_max: Tensor,
+    num_anchors_per_level: list[int],
+    topk_candidates: int,
+    min_logit: float,
 ) -> tuple[Tensor, Tensor, Tensor] | None:
     """As `_top_candidates_dense`, among the logits above min_logit only; None when too many are.
 
@@ -125,12 +149,21 @@ def _top_candidates_sparse(
     """
     num_images, num_anchors, num_classes = cls_logits.shape
     num_levels = len(num_anchors_per_level)
-    flat = cls_logits.reshape(num_images, num_anchors * num_classes)  # (N, A * C)
-    image_idx, flat_idx = (flat > min_logit).nonzero().unbind(1)  # (M,), (M,)
-    if image_idx.numel() > _SPARSE_MAX_PER_SLOT * topk_candidates * num_images * num_levels:
+    limit = _SPARSE_MAX_PER_SLOT * topk_candidates * num_images * num_levels
+    # A logit above min_logit needs its anchor's best one (anchor_max) above it: the anchors come
+    # from (N, A) maxima, where a comparison of every logit would write, page in and scan an
+    # (N, A, C) mask.
+    image_idx, anchor_idx = (anchor_max > min_logit).nonzero().unbind(1)  # (K,), (K,)
+    if image_idx.numel() > limit:
         return None
-    values = flat[image_idx, flat_idx]  # (M,)
-    level_ends = torch.tensor(num_anchors_per_level, device=flat.device).cumsum(0) * num_classes  # (L,)
+    rows = cls_logits.reshape(-1, num_classes).index_select(0, image_idx * num_anchors + anchor_idx)  # (K, C)
+    row_idx, class_idx = (rows > min_logit).nonzero().unbind(1)  # (M,), (M,) in (image, anchor, class) order
+    if row_idx.numel() > limit:
+        return None
+    values = rows[row_idx, class_idx]  # (M,)
+    image_idx = image_idx[row_idx]  # (M,)
+    flat_idx = anchor_idx[row_idx] * num_classes + class_idx  # (M,)
+    level_ends = torch.tensor(num_anchors_per_level, device=cls_logits.device).cumsum(0) * num_classes  # (L,)
     slot = image_idx * num_levels + torch.bucketize(flat_idx, level_ends, right=True)  # (M,)
     # Best first within each (image, level) slot: sort by logit, then stably by slot.
     order = torch.sort(values, descending=True, stable=True).indices  # (M,)
@@ -162,14 +195,18 @@ def postprocess(
     NMS runs per image and class and the detections_per_img best are kept: torchvision's rules.
     """
     num_images, _, num_classes = cls_logits.shape
+    # Each anchor's best logit: one read of all (N, A, C) logits, the one pass over all of them.
+    anchor_max = cls_logits.amax(dim=2)  # (N, A)
     top = None
     if score_thresh > 0:
         # Slightly below the threshold's logit, so that rounding never drops a score above it;
         # the exact test on the sigmoid follows.
         min_logit = math.log(score_thresh / (1 - score_thresh)) - 1e-3 if score_thresh < 1 else math.inf
-        top = _top_candidates_sparse(cls_logits, num_anchors_per_level, topk_candidates, min_logit)
+        top = _top_candidates_sparse(
+            cls_logits, anchor_max, num_anchors_per_level, topk_candidates, min_logit
+        )
     if top is None:
-        top = _top_candidates_dense(cls_logits, num_anchors_per_level, topk_candidates)
+        top = _top_candidates_dense(cls_logits, anchor_max, num_anchors_per_level, topk_candidates)
     image_idx, flat_idx, logits = top  # (M,), (M,), (M,)
     scores = torch.sigmoid(logits)  # (M,)
     keep = scores > score_thresh  # (M,)

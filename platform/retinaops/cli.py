@@ -21,6 +21,8 @@ logger = logging.getLogger(__name__)
 
 PROG = "retinaops"
 
+from retinaops import cli_bench as b  # noqa: E402
+from retinaops import cli_jobs as j  # noqa: E402
 from retinaops import cli_model as m  # noqa: E402
 from retinaops import cli_sweep as s  # noqa: E402
 from retinaops import cli_train as t  # noqa: E402
@@ -52,6 +54,9 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "demo": Command(
         "the main job on embedded defaults (local Ray, MLflow, storage, data)", t.add_demo_args, t.cmd_demo
     ),
+    "replay": Command(
+        "send MLflow writes a run kept while the server was down", t.add_replay_args, t.cmd_replay
+    ),
     "sweep": Command(
         "a Ray Tune sweep of a job spec, every trial an MLflow run", s.add_sweep_args, s.cmd_sweep
     ),
@@ -67,9 +72,35 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "rollback": Command(
         "move the champion alias back to the previous champion", s.add_rollback_args, s.cmd_rollback
     ),
+    "bench": Command(
+        "the side-by-side benchmarks against torchvision (as make bench)", b.add_bench_args, b.cmd_bench
+    ),
+    "export": Command(
+        "export a model to ONNX, checked against PyTorch with onnxruntime", s.add_export_args, s.cmd_export
+    ),
+    "submit": Command(
+        "submit a job spec to a Ray cluster through its Jobs API", j.add_submit_args, j.cmd_submit
+    ),
+    "jobs": {
+        "list": Command("jobs on a Ray cluster, newest first", j.add_jobs_list_args, j.cmd_jobs_list),
+        "status": Command("a job's status, times and entrypoint", j.add_jobs_status_args, j.cmd_jobs_status),
+        "logs": Command("a job's log (--follow: until it ends)", j.add_jobs_logs_args, j.cmd_jobs_logs),
+        "stop": Command("stop a running job", j.add_job_args, j.cmd_jobs_stop),
+    },
+    "stack": {
+        "up": Command(
+            "start the local stack: S3, MLflow, a two-node Ray cluster", j.add_stack_up_args, j.cmd_stack_up
+        ),
+        "down": Command("stop what `stack up` started", j.add_stack_dir_args, j.cmd_stack_down),
+        "env": Command("print the local stack's export lines", j.add_stack_dir_args, j.cmd_stack_env),
+    },
 }
 
-GROUP_HELP = {"data": "make and check datasets"}
+GROUP_HELP = {
+    "data": "make and check datasets",
+    "jobs": "jobs on a Ray cluster (Jobs API)",
+    "stack": "the local service stack on 127.0.0.1",
+}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,4 @@
-"""`retinaops` commands for sweeps and the model registry: sweep, leaderboard, promote, models, rollback."""
+"""`retinaops` commands for sweeps and the model registry: sweep, leaderboard, promote, models, rollback, export."""
 
 from __future__ import annotations
 
@@ -80,17 +80,22 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def _print_leaderboard(rows: list[dict]) -> None:
+    """One line per trial; a trial stopped by ASHA shows as STOPPED, a failed one with its reason below."""
+
     def number(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else "-"
 
-    print(f"{'':2}{'trial':<34} {'status':<9} {'AP':>8} {'latency_ms':>10}  params")
+    width = max([34, *(len(r["name"]) for r in rows)])
+    print(f"{'':2}{'trial':<{width}} {'status':<9} {'AP':>8} {'latency_ms':>10}  params")
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
         mark = "* " if r["pareto"] else "  "
         status = "STOPPED" if r.get("stopped_early") else r["status"]
         print(
-            f"{mark}{r['name']:<34} {status:<9} {number(r['AP']):>8} {number(r['latency_ms']):>10}  {params}"
+            f"{mark}{r['name']:<{width}} {status:<9} {number(r['AP']):>8} {number(r['latency_ms']):>10}  {params}"
         )
+        if r["status"] != "FINISHED" and r.get("error"):
+            print(f"{'':4}{r['error'][:160]}")
 
 
 def add_promote_args(parser: argparse.ArgumentParser) -> None:
@@ -176,3 +181,70 @@ def resolve_model(uri: str, dst: str | Path) -> Path:
     from retinaops.registry import local_model_file
 
     return local_model_file(_tracker(), uri, dst)
+
+
+def add_export_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--model",
+        required=True,
+        help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN/model or a model file",
+    )
+    parser.add_argument("--format", choices=["onnx"], default="onnx", help="only onnx (default)")
+    parser.add_argument(
+        "--out", type=Path, help="file to write (default: NAME-vVERSION.onnx, or the model file's name)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export, check against PyTorch with onnxruntime, and log on the model version when there is one."""
+    import tempfile
+
+    from retinanet import RetinaNet
+    from retinaops.export import RTOL, check_onnx, export_onnx, log_export
+    from retinaops.registry import local_model_file, model_version_of
+
+    # A file needs no MLflow; a models:/ or runs:/ URI is downloaded, a registry version logged on.
+    tracker = _tracker() if args.model.startswith(("models:/", "runs:/")) else None
+    version = model_version_of(tracker, args.model) if tracker is not None else None
+    if args.out is not None:
+        out = args.out
+    elif version is not None:
+        out = Path(f"{version.name}-v{version.version}.onnx")
+    else:
+        out = Path(Path(args.model.rstrip("/")).name).with_suffix(".onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        model = RetinaNet.load(local_model_file(tracker, args.model, tmp)).eval()
+    export_onnx(model, out)
+    check = check_onnx(model, out)
+    summary = {
+        "model": args.model,
+        "onnx": str(out),
+        "inputs": {"images": "(N, 3, H, W) float32, preprocessed"},
+        "outputs": {"cls_logits": "(N, A, C)", "bbox_regression": "(N, A, 4)"},
+        "max_abs_diff": check.max_abs_diff,
+        "rel_diff": check.rel_diff,
+        "tolerance": RTOL,
+        "checked_shapes": check.shapes,
+        "logged": None,
+    }
+    if not check.ok:
+        print(
+            f"retinaops: {out}: ONNX outputs differ from PyTorch's by {check.max_abs_diff:.3g} "
+            f"({check.rel_diff:.3g} of the largest output, expected <= {RTOL:g}); not logged",
+            file=sys.stderr,
+        )
+        return 1
+    if version is not None:
+        tags = {"export.onnx.max_abs_diff": f"{check.max_abs_diff:.3g}"}
+        summary["logged"] = log_export(tracker, version, out, tags)
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    print(f"wrote {out}: images (N, 3, H, W) -> cls_logits (N, A, C), bbox_regression (N, A, 4)")
+    print(
+        f"  onnxruntime vs PyTorch on {check.shapes}: max abs diff {check.max_abs_diff:.3g} ({check.rel_diff:.2g} relative)"
+    )
+    if summary["logged"]:
+        print(f"  logged on {version.name} version {version.version}: {summary['logged']}")
+    return 0

@@ -1,17 +1,20 @@
-"""`retinaops` commands that run jobs: train, demo."""
+"""`retinaops` commands that run jobs: train, demo (a sweep, its leaderboard, promotion and a prediction)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import math
+import shlex
 import sys
 import time
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-DEMO_SPEC = Path("jobs/demo.yaml")
+DEMO_SPEC = Path("jobs/demo_sweep.yaml")
+DEMO_MODEL = "retinanet-demo"
 
 
 def add_spec_args(parser: argparse.ArgumentParser) -> None:
@@ -38,7 +41,14 @@ def _print_outcome(outcome, as_json: bool) -> None:
         "model_uri": outcome.model_uri,
         "wall_s": round(outcome.wall_s, 1),
         "metrics": metrics,
+        "mlflow_journal": outcome.mlflow_journal,
     }
+    if outcome.mlflow_journal:
+        print(
+            f"retinaops: MLflow was unreachable; the run's remaining metrics and artifacts are kept in "
+            f"{outcome.mlflow_journal}: send them with `retinaops replay {outcome.mlflow_journal}`",
+            file=sys.stderr,
+        )
     if as_json:
         print(json.dumps(summary))
         return
@@ -75,24 +85,121 @@ def _run(job, as_json: bool) -> int:
 
 
 def add_demo_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--spec", type=Path, default=DEMO_SPEC, help=f"the demo's spec (default {DEMO_SPEC})")
+    parser.add_argument(
+        "--spec", type=Path, default=DEMO_SPEC, help=f"the demo's sweep (default {DEMO_SPEC})"
+    )
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--json", action="store_true", help="print the outcome as one JSON object")
+    parser.add_argument(
+        "--latency-budget-ms",
+        type=float,
+        help="promote the best AP under this latency (default: the median trial's latency)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as one JSON object at the end")
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """The main job on embedded defaults: local Ray, MLflow on SQLite, local storage, generated data."""
+    """The whole story on embedded defaults (local Ray, MLflow on SQLite, local storage, generated data):
+    a sweep with ASHA, its leaderboard with the Pareto front, the champion promoted under a latency
+    budget, a prediction by the champion, and how to browse it all. Each step shows its command."""
+    from retinaops.cli import main
+    from retinaops.registry import CHAMPION
     from retinaops.settings import Settings
     from retinaops.spec import load_spec
 
     if not args.spec.is_file():
         raise FileNotFoundError(f"{args.spec}: the demo spec is missing (run from the repository root)")
-    spec = load_spec(args.spec, args.overrides)
+    spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before Ray starts
+    if spec.sweep is None:
+        raise ValueError(f"{args.spec}: the demo runs a sweep: expected a sweep section, got none")
     settings = Settings.from_env()
-    print(f"demo: home {settings.home}; MLflow {settings.tracking_uri}; storage {settings.storage_path}")
     started = time.monotonic()
-    from retinaops.trainer import run_training
+    print(f"demo: home {settings.home}; MLflow {settings.tracking_uri}; storage {settings.storage_path}")
+    sets = [f"--set={o}" for o in args.overrides]
+    _step("sweep", str(args.spec), *sets)
+    from retinaops.sweep import run_sweep
 
-    code = _run(lambda: run_training(spec, settings), args.json)
-    logger.info("demo finished in %.0f s", time.monotonic() - started)
+    outcome = run_sweep(spec, settings)
+    name, experiment = outcome.sweep_name, spec.tracking.experiment
+    print(f"sweep {name}: {len(outcome.rows)} trials in {outcome.wall_s:.0f} s")
+    _step("leaderboard", name, "--experiment", experiment)
+    main(["leaderboard", name, "--experiment", experiment])
+
+    budget = args.latency_budget_ms if args.latency_budget_ms is not None else latency_budget(outcome.rows)
+    promote = ["promote", name, "--experiment", experiment, "--name", DEMO_MODEL]
+    promote += ["--rule", f"max AP where latency_ms <= {budget:g}"]
+    _step(*promote)
+    if main(promote) != 0:  # e.g. the champion of an earlier demo is better: it stays the champion
+        print(f"demo: {DEMO_MODEL}@{CHAMPION} stays as it was (retinaops promote ... --force replaces it)")
+    champion = f"models:/{DEMO_MODEL}@{CHAMPION}"
+    image = demo_image(spec)
+    predict = ["predict", "--model", champion, str(image), "--out", str(settings.home / "demo-prediction")]
+    predict += ["--score-thresh", "0.1"]  # a few epochs from scratch: scores stay modest
+    _step(*predict)
+    code = main(predict)
+
+    figures = champion_figures(settings, DEMO_MODEL)
+    figures |= {"sweep": name, "trials": len(outcome.rows), "sweep_s": round(outcome.wall_s, 1)}
+    figures["demo_s"] = round(time.monotonic() - started, 1)
+    print(
+        f"\ndemo done in {figures['demo_s']:.0f} s: champion {champion} = version {figures['version']} "
+        f"(AP {figures['AP']:.4f}, latency {figures['latency_ms']:.1f} ms/image, rule '{figures['rule']}')"
+    )
+    print(f"browse it all: {shlex.join(['mlflow', 'ui', '--backend-store-uri', settings.tracking_uri])}")
+    if args.json:
+        print(json.dumps(figures))
     return code
+
+
+def _step(*command: str) -> None:
+    print(f"\n$ {shlex.join(['retinaops', *command])}", flush=True)
+
+
+def latency_budget(rows: list[dict]) -> float:
+    """The latency (ms, rounded up to 0.1) within which half of the trials with a model fall."""
+    latencies = sorted(
+        r["latency_ms"] for r in rows if r["status"] == "FINISHED" and r.get("model_uri") and r["latency_ms"]
+    )
+    if not latencies:
+        raise ValueError("no trial of the sweep finished with a model and a latency: nothing to promote")
+    return math.ceil(latencies[(len(latencies) - 1) // 2] * 10) / 10
+
+
+def demo_image(spec) -> Path:
+    """The first validation image of the demo's data."""
+    root = Path(spec.data.root)
+    first = json.loads((root / "val.json").read_text())["images"][0]["file_name"]
+    return root / first
+
+
+def champion_figures(settings, name: str) -> dict:
+    """Version, AP, latency and rule of the model's champion, as the registry holds them."""
+    from retinaops.registry import CHAMPION
+    from retinaops.tracking import Tracker
+
+    version = Tracker(settings.tracking_uri).model_version_by_alias(name, CHAMPION)
+    if version is None:
+        raise ValueError(f"{name}: no version holds the {CHAMPION!r} alias")
+    tags = version.tags
+    return {
+        "model": f"models:/{name}@{CHAMPION}",
+        "version": version.version,
+        "AP": float(tags.get("AP", "nan")),
+        "latency_ms": float(tags.get("latency_ms", "nan")),
+        "rule": tags.get("rule", ""),
+    }
+
+
+def add_replay_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "journal", type=Path, help="a run's journal folder, {RETINAOPS_HOME}/mlflow-journal/<run_id>"
+    )
+    parser.add_argument("--tracking-uri", help="MLflow to send them to (default: the one the run used)")
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    """Send the MLflow writes a run kept while the tracking server was unreachable; 1 if some are still kept."""
+    from retinaops.tracking import replay
+
+    uri, delivered, left = replay(args.journal, args.tracking_uri)
+    print(f"sent {delivered} kept writes to {uri}; {left} still kept in {args.journal}")
+    return 1 if left else 0

@@ -359,7 +359,7 @@ def _float_or_none(text: str | None) -> float | None:
     return float(text) if text not in (None, "") else None
 
 
-def local_model_file(tracker: Tracker, uri: str, dst: str | Path) -> Path:
+def local_model_file(tracker: Tracker | None, uri: str, dst: str | Path) -> Path:
     """A retinanet model file (.pt) from a path or a models:/ URI (the pyfunc model's `model` artifact)."""
     if not uri.startswith(("models:/", "runs:/")):
         return Path(uri)
@@ -367,3 +367,25 @@ def local_model_file(tracker: Tracker, uri: str, dst: str | Path) -> Path:
     if not found:
         raise ValueError(f"--model {uri}: not a retinanet pyfunc model (no artifacts/*.pt in it)")
     return found[0]
+
+
+_MODELS_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))")
+
+
+def model_version_of(tracker: Tracker, uri: str):
+    """The registry's ModelVersion behind models:/NAME@ALIAS or models:/NAME/VERSION; None for other URIs."""
+    found = _MODELS_URI.fullmatch(uri)
+    if found is None:
+        if uri.startswith("models:/"):
+            raise ValueError(f"--model {uri}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
+        return None
+    if found["alias"]:
+        version = tracker.model_version_by_alias(found["name"], found["alias"])
+        if version is None:
+            raise ValueError(
+                f"--model {uri}: no version of {found['name']!r} holds the alias {found['alias']!r}"
+            )
+        return version
+    return with_retries(
+        lambda: tracker.client.get_model_version(found["name"], found["version"]), "get model version"
+    )

@@ -1,20 +1,33 @@
 """Storage: local folders and `s3://bucket/prefix` (any S3-compatible endpoint), for checkpoints and data.
 
-Ray Train writes checkpoints through a pyarrow filesystem; data on S3 is copied once into a local
-cache on each node. Credentials come from the usual AWS environment variables, never from specs.
+Ray Train writes checkpoints through a pyarrow filesystem, with `publish_checkpoint` as its upload:
+retried with backoff while the store fails, verified, manifest last, so never half-visible. Data on
+S3 is copied once into a local cache on each node. Credentials come from the usual AWS environment
+variables, never from specs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import pyarrow.fs as pafs
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+MANIFEST_FILE = "manifest.json"
+# Retries of one storage transfer: 1, 2, 4, 8, 16, 30, 30 s apart (~1.5 minutes of outage).
+STORAGE_ATTEMPTS = 8
+FIRST_DELAY_S = 1.0
+MAX_DELAY_S = 30.0
 
 
 def is_s3(uri: str | os.PathLike | None) -> bool:
@@ -128,3 +141,125 @@ def upload_dir(local_dir: str | Path, uri: str, endpoint: str | None = None) -> 
         source_filesystem=pafs.LocalFileSystem(),
         destination_filesystem=dest_fs,
     )
+
+
+def with_storage_retries(
+    action: Callable[[], T],
+    what: str,
+    *,
+    attempts: int = STORAGE_ATTEMPTS,
+    first_delay: float = FIRST_DELAY_S,
+    max_delay: float = MAX_DELAY_S,
+) -> T:
+    """Run one storage transfer, retrying with exponential backoff while the store fails or refuses.
+
+    pyarrow raises OSError for every S3 or network failure; a FileNotFoundError is an answer, not a
+    failure, and is raised at once. After the last attempt the OSError names what failed and how often.
+    """
+    delay = first_delay
+    for attempt in range(1, attempts + 1):
+        try:
+            return action()
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if attempt == attempts:
+                raise OSError(f"{what}: failed {attempts} times, the last with: {exc}") from exc
+            logger.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, attempts - 1, delay)
+            time.sleep(delay)
+            delay = min(2 * delay, max_delay)
+    raise AssertionError("unreachable")
+
+
+def publish_checkpoint(
+    local_dir: str | Path,
+    fs: pafs.FileSystem,
+    dest: str,
+    *,
+    manifest: str = MANIFEST_FILE,
+    attempts: int = STORAGE_ATTEMPTS,
+    first_delay: float = FIRST_DELAY_S,
+) -> None:
+    """Copy a checkpoint folder to (fs, dest) so that it is never half-visible: write, verify, then publish.
+
+    Every file is written and its stored size checked, the manifest last: a reader (resume) that
+    finds the manifest finds every file it lists, and a folder without one is incomplete and never
+    used. Each transfer is retried with backoff. Ray Train registers the checkpoint only after this
+    returns, so a failed publish is never resumed from.
+    """
+    local_dir = Path(local_dir)
+    files = sorted(p for p in local_dir.rglob("*") if p.is_file() and p.name != manifest)
+    if (local_dir / manifest).is_file():
+        files.append(local_dir / manifest)
+    retry = {"attempts": attempts, "first_delay": first_delay}
+    with_storage_retries(lambda: fs.create_dir(dest, recursive=True), f"create {dest}", **retry)
+    for path in files:
+        target = f"{dest.rstrip('/')}/{path.relative_to(local_dir).as_posix()}"
+        with_storage_retries(lambda p=path, t=target: _put_verified(fs, p, t), f"upload {target}", **retry)
+    logger.info("checkpoint published at %s (%d files)", dest, len(files))
+
+
+def _put_verified(fs: pafs.FileSystem, path: Path, target: str) -> None:
+    with open(path, "rb") as src, fs.open_output_stream(target) as out:
+        while chunk := src.read(8 << 20):
+            out.write(chunk)
+    stored = fs.get_file_info(target)
+    if stored.type != pafs.FileType.File or stored.size != path.stat().st_size:
+        raise OSError(f"{target}: stored {stored.size} bytes, expected {path.stat().st_size}")
+
+
+def download_dir(fs: pafs.FileSystem, source: str, local_dir: str | Path) -> Path:
+    """Copy a folder of (fs, source) into local_dir, retrying with backoff while the store fails."""
+    local_dir = Path(local_dir)
+
+    def copy() -> None:
+        pafs.copy_files(
+            source, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+
+    with_storage_retries(copy, f"download {source}")
+    return local_dir
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Size and SHA-256 of every file: a checkpoint is usable only when all of them match."""
+    files = {
+        p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)} for p in sorted(directory.iterdir())
+    }
+    Path(directory, MANIFEST_FILE).write_text(json.dumps(files, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> None:
+    """ValueError naming the checkpoint and the files that are missing or differ from its manifest."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE})")
+    try:
+        expected = json.loads(manifest_path.read_text())
+        sizes = {name: int(entry["size"]) for name, entry in expected.items()}
+        digests = {name: str(entry["sha256"]) for name, entry in expected.items()}
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise ValueError(
+            f"{manifest_path}: unreadable manifest ({type(exc).__name__}: {exc}); "
+            'expected {"<file>": {"size": <bytes>, "sha256": <hex>}, ...}'
+        ) from None
+    bad = [
+        name
+        for name in sizes
+        if not (directory / name).is_file()
+        or (directory / name).stat().st_size != sizes[name]
+        or _file_digest(directory / name) != digests[name]
+    ]
+    if bad:
+        raise ValueError(
+            f"{directory}: incomplete or corrupt checkpoint: {', '.join(bad)} missing or changed"
+        )

@@ -1,16 +1,19 @@
-"""The Ray Tune sweep: one `TorchTrainer` per trial, one MLflow parent run per sweep, one child run per trial.
+"""The Ray Tune sweep, driver side: one MLflow parent run per sweep, a Tuner over `trial.run_trial`.
 
-The driver (`retinaops sweep`) checks the spec and the data, opens the parent run, and runs a Tuner whose
-trainable is `run_trial`: a Tune function that builds its trial's spec from the sampled values, opens the
-trial's child run and fits a TorchTrainer with `MLflowCallback` (per-epoch metrics into the child run)
-and `TuneReportCallback` (the same reports to Tune, for the search and ASHA). Each run has one writer at a
-time: the trial function while it lives; the driver after Tune has stopped it (ASHA) or it died.
+The driver (`retinaops sweep`) checks the spec and the data, opens the parent run and runs a Tuner whose
+trainable is `trial.run_trial` (one child run and one TorchTrainer per trial). Each run has one writer at
+a time: the trial function while it lives; the driver after Tune has stopped it (ASHA) or it died.
+
+A sweep whose driver died resumes by name (`Tuner.restore`). Tune snapshots its state every few seconds,
+so MLflow is what says which trials ended: a finished trial is not trained again, ASHA's rungs are
+refilled from the child runs' histories, and a child run whose trial Tune lost is closed as KILLED.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -19,13 +22,11 @@ from typing import Any
 
 import ray
 from ray import tune
-from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from retinanet import RetinaNetConfig
 from retinaops.registry import (
     SWEEP_KIND_TAG,
-    TRIAL_PARAM_PREFIX,
     Trial,
     leaderboard,
     plot_pareto,
@@ -33,45 +34,29 @@ from retinaops.registry import (
     write_leaderboard_csv,
 )
 from retinaops.settings import Settings
-from retinaops.spec import JobSpec, apply_overrides
+from retinaops.spec import JobSpec
 from retinaops.storage import StorageLocation, ensure_bucket
 from retinaops.sweepspec import SweepSpec
-from retinaops.tracking import PARENT_TAG, MLflowCallback, Tracker
-from retinaops.train import EVAL_FILE, MODEL_FILE
-from retinaops.trainer import (
-    PreparedJob,
-    build_trainer,
-    ensure_ray,
-    prepare_job,
-    prune_orphan_checkpoints,
-    run_tags,
+from retinaops.tracking import PARENT_TAG, Tracker
+from retinaops.trainer import PreparedJob, ensure_ray, prepare_job, run_tags
+from retinaops.trial import (
+    ERROR_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+    SweepContext,
+    fail_trial,
+    failure_reason,
+    find_child,
+    finish_trial,
+    run_trial,
 )
 
 logger = logging.getLogger(__name__)
 
-TRIAL_TAG = "tune_trial_id"
-SWEEP_TAG = "sweep_name"
 # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs. Tune
 # wants a non-empty bundle and any CPU share would keep the last trial's worker out: one byte of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
-
-
-@dataclass(frozen=True)
-class SweepContext:
-    """What every trial needs besides its sampled values; shipped to trials by `tune.with_parameters`."""
-
-    spec: dict[str, Any]  # the checked spec without its sweep section, local paths absolute
-    sweep: dict[str, Any]
-    num_classes: int
-    data: dict[str, str]
-    fingerprint: str
-    class_names: list[str]
-    settings: Settings
-    tracking_uri: str
-    experiment: str
-    parent_run_id: str
-    sweep_name: str
-    tags: dict[str, str]  # lineage tags computed by the driver (git commit, versions, data fingerprint)
+TIME_ATTR = "epochs_done"  # ASHA's clock (ResumableASHA sets it from each report's epoch)
 
 
 @dataclass
@@ -112,14 +97,62 @@ def search_algorithm(sweep: SweepSpec):
     return OptunaSearch(metric=[o.metric for o in sweep.objectives], mode=[o.mode for o in sweep.objectives])
 
 
-def scheduler(sweep: SweepSpec, epochs: int):
+class ResumableASHA(ASHAScheduler):
+    """ASHA over epochs that never cuts a trial's wrap-up short and survives a resume.
+
+    - Its clock is the epochs a trial has done (the reports' `epoch` + 1), which a trial resumed from
+      a checkpoint counts on from there, where Tune's report count would start again at 1.
+    - After its last epoch a trial ends by itself and logs its model: ASHA's verdict on that report
+      (stock ASHA stops every trial at max_t) would kill it first.
+    - Tune checkpoints its searcher but not its scheduler: after `Tuner.restore` the rungs would be
+      empty and a poor trial run after the resume could no longer be stopped. When Tune adds a trial
+      that has a child run already, the child run's per-epoch history of the metric refills them.
+    """
+
+    def __init__(
+        self, *, tracking_uri: str, experiment: str, parent_run_id: str, epochs: int, **kwargs: Any
+    ) -> None:
+        super().__init__(time_attr=TIME_ATTR, max_t=epochs, stop_last_trials=False, **kwargs)
+        self.epochs = epochs
+        self.tracking_uri = tracking_uri
+        self.experiment = experiment
+        self.parent_run_id = parent_run_id
+
+    def on_trial_add(self, tune_controller, trial) -> None:
+        super().on_trial_add(tune_controller, trial)
+        tracker = Tracker(self.tracking_uri)
+        child = find_child(tracker, self.experiment, self.parent_run_id, trial.trial_id)
+        if child is None:
+            return
+        history = tracker.client.get_metric_history(child.info.run_id, self.metric)
+        for point in sorted(history, key=lambda m: m.step):  # step = epoch
+            self.on_trial_result(
+                tune_controller, trial, {TIME_ATTR: point.step + 1, self.metric: point.value}
+            )
+
+    def on_trial_result(self, tune_controller, trial, result: dict) -> str:
+        result = _epochs_done(result)
+        action = super().on_trial_result(tune_controller, trial, result)
+        return TrialScheduler.CONTINUE if result.get(TIME_ATTR, 0) >= self.epochs else action
+
+    def on_trial_complete(self, tune_controller, trial, result: dict) -> None:
+        super().on_trial_complete(tune_controller, trial, _epochs_done(result))
+
+
+def _epochs_done(result: dict) -> dict:
+    return {**result, TIME_ATTR: result["epoch"] + 1} if "epoch" in result else result
+
+
+def scheduler(sweep: SweepSpec, epochs: int, *, tracking_uri: str, experiment: str, parent_run_id: str):
     if sweep.scheduler.type != "asha":
         return None
-    return ASHAScheduler(
-        time_attr="training_iteration",  # one report per epoch
+    return ResumableASHA(
+        tracking_uri=tracking_uri,
+        experiment=experiment,
+        parent_run_id=parent_run_id,
+        epochs=epochs,
         metric=sweep.metric,
         mode=sweep.mode,
-        max_t=epochs,
         grace_period=sweep.scheduler.grace_period,
         reduction_factor=sweep.scheduler.reduction_factor,
     )
@@ -135,93 +168,6 @@ def concurrency(spec: JobSpec) -> int:
     if spec.scaling.use_gpu:
         fits = min(fits, int(total.get("GPU", 0) // (per_worker["GPU"] * spec.scaling.num_workers)))
     return max(1, fits)
-
-
-# -- one trial (runs in the trial's Tune actor) -----------------------------------------------------
-
-
-def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """Tune function trainable: the trial's spec, its child run, one TorchTrainer."""
-    sweep = SweepSpec.model_validate(context.sweep)
-    trial_id = tune.get_context().get_trial_id()
-    # Tune samples numpy scalars for ranges; the spec is strict about types.
-    sampled = {
-        k: config[k].item() if hasattr(config[k], "item") else config[k] for k in sweep.space if k in config
-    }
-    tracker = Tracker(context.tracking_uri, str(context.settings.artifact_root))
-    run_id, created = child_run(tracker, context, trial_id, sampled)
-    try:
-        job = trial_job(context, sweep.trial_overrides(sampled))
-        if created:
-            tracker.log_params(run_id, job.spec.flat_params())
-            tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
-        trainer = build_trainer(
-            job,
-            context.settings,
-            name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
-            callbacks=[MLflowCallback(context.tracking_uri, run_id), TuneReportCallback()],
-        )
-        result = trainer.fit()
-    except Exception as exc:
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracker.end_run(run_id, "FAILED")
-        raise
-    prune_orphan_checkpoints(result)
-    finish_trial(tracker, run_id, result.checkpoint)
-
-
-def child_run(
-    tracker: Tracker, context: SweepContext, trial_id: str, sampled: dict[str, Any]
-) -> tuple[str, bool]:
-    """The trial's child run: the one a previous attempt of this trial opened, else a new one."""
-    existing = find_child(tracker, context.experiment, context.parent_run_id, trial_id)
-    if existing is not None:
-        tracker.client.update_run(existing.info.run_id, status="RUNNING")
-        return existing.info.run_id, False
-    params = {
-        f"{TRIAL_PARAM_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in sampled.items()
-    }
-    tags = {**context.tags, TRIAL_TAG: trial_id, SWEEP_TAG: context.sweep_name}
-    run_id = tracker.start_run(
-        context.experiment,
-        f"{context.sweep_name}-{trial_id}",
-        params=params,
-        tags=tags,
-        parent_run_id=context.parent_run_id,
-    )
-    return run_id, True
-
-
-def find_child(tracker: Tracker, experiment: str, parent_run_id: str, trial_id: str):
-    exp_id = tracker.experiment_id(experiment)
-    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    found = tracker.client.search_runs([exp_id], query, max_results=1)
-    return found[0] if found else None
-
-
-def trial_job(context: SweepContext, overrides: dict[str, Any]) -> PreparedJob:
-    """The prepared job of one trial: the shared spec with the trial's values; data checks reused."""
-    spec = JobSpec.from_dict(apply_overrides(context.spec, overrides), "sweep trial")
-    if any(key.startswith("data.") for key in overrides):  # other data: check it again
-        return prepare_job(spec, context.settings)
-    model = RetinaNetConfig.from_dict({**spec.model, "num_classes": context.num_classes})
-    return PreparedJob(spec, model, context.data, context.fingerprint, context.class_names)
-
-
-def finish_trial(tracker: Tracker, run_id: str, checkpoint, stopped_early: str | None = None) -> None:
-    """Log the trial's final model and evaluation, tag the checkpoint and model URI, end the run."""
-    tags: dict[str, str] = {}
-    if stopped_early:
-        tags["stopped_early"] = stopped_early
-    if checkpoint is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(checkpoint.to_directory(tmp))
-            if (local / EVAL_FILE).is_file():
-                tracker.log_artifact(run_id, local / EVAL_FILE, "checkpoint")
-            tags["model_uri"] = tracker.log_model(run_id, local / MODEL_FILE)
-        tags["checkpoint"] = checkpoint.path
-    tracker.set_tags(run_id, tags)
-    tracker.end_run(run_id, "FINISHED")
 
 
 # -- the sweep (runs in the driver) -----------------------------------------------------------------
@@ -264,7 +210,8 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
     if resume is not None:
         if not tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
             raise ValueError(f"--resume {resume}: no sweep state at {storage.join(sweep_name)}")
-        # Finished and failed trials keep their results; only unfinished ones run (again).
+        # Finished and failed trials keep their results; unfinished ones run again (a trial that had
+        # finished after Tune's last snapshot reports from MLflow), continuing from their checkpoints.
         tuner = tune.Tuner.restore(
             path,
             trainable,
@@ -280,7 +227,13 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
                 num_samples=spec.sweep.num_samples,
                 max_concurrent_trials=concurrency(spec),
                 search_alg=search_algorithm(spec.sweep),
-                scheduler=scheduler(spec.sweep, spec.train.epochs),
+                scheduler=scheduler(
+                    spec.sweep,
+                    spec.train.epochs,
+                    tracking_uri=tracking_uri,
+                    experiment=spec.tracking.experiment,
+                    parent_run_id=parent_run_id,
+                ),
             ),
             run_config=tune.RunConfig(
                 name=sweep_name,
@@ -289,12 +242,14 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
                 failure_config=tune.FailureConfig(max_failures=0),  # Train already restarts failed workers
             ),
         )
+    # Epochs between evaluations (train.eval_every > 1) report no AP: the scheduler and the search
+    # wait for the next report that has it instead of failing the trial.
+    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
         grid = tuner.fit()
         settle_trials(tracker, context, grid, storage)
     except BaseException as exc:
-        tracker.set_tags(parent_run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
-        tracker.end_run(parent_run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        fail_trial(tracker, parent_run_id, exc, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
     parent = tracker.client.get_run(parent_run_id)
     trials = sweep_trials(tracker, parent)
@@ -331,25 +286,33 @@ def open_parent(
 
 
 def settle_trials(tracker: Tracker, context: SweepContext, grid, storage: StorageLocation) -> None:
-    """Close the child runs whose trial function did not: stopped early by ASHA, or died."""
+    """Close the child runs that are still running: their trial function did not, because Tune stopped
+    it early (ASHA), its actor died, or Tune lost the trial with a driver that died before its snapshot."""
     from ray.train import Checkpoint
 
-    for result in grid:
-        trial_id = (result.metrics or {}).get("trial_id")
-        if trial_id is None:  # it never reported: its function closed its run when it failed
-            continue
-        child = find_child(tracker, context.experiment, context.parent_run_id, trial_id)
-        if child is None or child.info.status != "RUNNING":
-            continue
-        run_id = child.info.run_id
-        if result.error is not None:
-            tracker.set_tags(run_id, {"error": f"{type(result.error).__name__}: {result.error}"[:5000]})
+    results = {r.metrics["trial_id"]: r for r in grid}  # Tune sets trial_id, reported or not
+    exp_id = tracker.experiment_id(context.experiment)
+    running = tracker.client.search_runs(
+        [exp_id], f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'"
+    )
+    for child in running:
+        run_id, trial_id = child.info.run_id, child.data.tags.get(TRIAL_TAG)
+        result = results.get(trial_id)
+        if result is None:
+            logger.warning("child run %s: trial %s is not among Tune's %s", run_id, trial_id, sorted(results))
+            reason = (
+                "the sweep driver died before Tune recorded this trial; Tune ran its values as a new trial"
+            )
+            tracker.set_tags(run_id, {ERROR_TAG: reason})
+            tracker.end_run(run_id, "KILLED")
+        elif result.error is not None:
+            tracker.set_tags(run_id, {ERROR_TAG: failure_reason(result.error)})
             tracker.end_run(run_id, "FAILED")
-            continue
-        path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
-        checkpoint = Checkpoint(path, filesystem=storage.filesystem) if path else None
-        epoch = (result.metrics or {}).get("epoch")
-        finish_trial(tracker, run_id, checkpoint, stopped_early=f"after epoch {epoch}")
+        else:
+            path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
+            checkpoint = Checkpoint(path, filesystem=storage.filesystem) if path else None
+            epoch = (result.metrics or {}).get("epoch")
+            finish_trial(tracker, run_id, checkpoint, stopped_early=f"after epoch {epoch}")
 
 
 def log_summary(
@@ -365,6 +328,7 @@ def log_summary(
     tags = {
         "num_trials": len(trials),
         "num_failed": sum(t.status == "FAILED" for t in trials),
+        "num_stopped_early": sum(bool(t.tags.get("stopped_early")) for t in trials),
         "pareto_trials": ",".join(r["run_id"] for r in rows if r["pareto"]),
     }
     if finished:

@@ -2,14 +2,20 @@
 
 One process writes each run: the driver creates it and logs params, artifacts and the model; a
 Ray Train callback on the Train controller logs every epoch's metrics. Workers never talk to MLflow.
+
+A Tracker with a journal root never lets an unreachable server stop training: a write that fails
+goes to the run's journal (`journal.py`, a local file) and is replayed, in order and with backoff,
+by the next writes, by `Tracker.flush`, or later by `replay` (`retinaops replay`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -18,12 +24,19 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 from ray.train import UserCallback
 
+from retinaops.journal import Backoff, Journal, default_journal_root
+from retinaops.serving import RetinaNetPredict, pip_requirements
+
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARENT_TAG = "mlflow.parentRunId"
 # Keys of a report that are bookkeeping, not metrics.
 NON_METRICS = {"epoch", "step", "rank"}
+# A journaled write makes a few quick attempts: MLflow's own HTTP retries (7, backing off for
+# minutes) would stall training while the server is down; the journal retries instead.
+_FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+DIRECT_ATTEMPTS = 3
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5) -> T:
@@ -41,13 +54,55 @@ def with_retries(action: Callable[[], T], what: str, attempts: int = 5, first_de
     raise AssertionError("unreachable")
 
 
-class Tracker:
-    """A thin, retrying MLflow client bound to one tracking URI."""
+def unreachable(exc: BaseException) -> bool:
+    """True when the server did not answer or failed (worth retrying later); False when it refused the write."""
+    import requests
+    from mlflow.exceptions import MlflowException
 
-    def __init__(self, tracking_uri: str, artifact_root: str | None = None) -> None:
+    if isinstance(exc, MlflowException):
+        status = exc.get_http_status_code()
+        return status >= 500 or status == 429
+    if isinstance(exc, requests.HTTPError) and exc.response is not None:
+        return exc.response.status_code >= 500 or exc.response.status_code == 429
+    return isinstance(exc, (OSError, requests.RequestException))
+
+
+@contextmanager
+def _fail_fast() -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in _FAIL_FAST}
+    os.environ.update(_FAIL_FAST)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+class Tracker:
+    """A thin, retrying MLflow client bound to one tracking URI.
+
+    With journal_root, writes (params, metrics, tags, artifacts, the model, end of run) never fail
+    because the server is unreachable: they wait in `journal_root/<run_id>/<writer>.jsonl` and are
+    replayed in order, with exponential backoff. Without it they retry a few times, then raise.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: str | None = None,
+        *,
+        journal_root: str | Path | None = None,
+        writer: str = "driver",
+    ) -> None:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
         self.client = MlflowClient(tracking_uri=tracking_uri)
+        self.journal_root = Path(journal_root) if journal_root is not None else None
+        self.writer = writer
+        self._backoff = Backoff()
 
     def experiment_id(self, name: str) -> str:
         found = with_retries(lambda: self.client.get_experiment_by_name(name), "get experiment")
@@ -81,47 +136,150 @@ class Tracker:
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
+    # -- writes: delivered now, or kept in the run's journal --
+
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
-        items = [Param(k, str(v)[:6000]) for k, v in params.items()]
-        for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-            chunk = items[i : i + 100]
-            with_retries(lambda c=chunk: self.client.log_batch(run_id, params=c), "log params")
+        if params:
+            self._write(run_id, "params", {"params": {k: str(v)[:6000] for k, v in params.items()}})
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, Any], step: int) -> None:
-        now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in numeric(metrics).items()]
-        if items:
-            with_retries(lambda: self.client.log_batch(run_id, metrics=items), "log metrics")
+        values = numeric(metrics)
+        if values:
+            now = int(time.time() * 1000)  # kept with the values: a replayed point keeps its time
+            self._write(run_id, "metrics", {"metrics": values, "step": step, "timestamp": now})
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
-        items = [RunTag(k, str(v)) for k, v in tags.items()]
-        if items:
-            with_retries(lambda: self.client.log_batch(run_id, tags=items), "set tags")
+        if tags:
+            self._write(run_id, "tags", {"tags": {k: str(v) for k, v in tags.items()}})
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
-        path = Path(path)
-        if path.is_dir():
-            with_retries(lambda: self.client.log_artifacts(run_id, str(path), artifact_path), "log artifacts")
-        else:
-            with_retries(lambda: self.client.log_artifact(run_id, str(path), artifact_path), "log artifact")
+        args = {"path": str(path), "artifact_path": artifact_path}
+        self._write(run_id, "artifact", args, files=("path",))
 
     def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        with_retries(lambda: self.client.set_terminated(run_id, status), "end run")
+        self._write(run_id, "end", {"status": status, "end_time": int(time.time() * 1000)})
 
-    def log_model(self, run_id: str, model_file: str | Path, *, name: str = "model") -> str:
-        """Log a retinanet model file as an MLflow pyfunc model; returns its models:/ URI."""
+    def log_model(self, run_id: str, model_file: str | Path, *, name: str = "model") -> str | None:
+        """Log a retinanet model file as an MLflow pyfunc model; returns its models:/ URI (None: kept for later)."""
+        return self._write(run_id, "model", {"path": str(model_file), "name": name}, files=("path",))
+
+    def journal(self, run_id: str) -> Journal | None:
+        """The journal of run_id's writes; None without a journal root."""
+        if self.journal_root is None:
+            return None
+        return Journal(self.journal_root / run_id, self.writer, run_id)
+
+    def pending(self, run_id: str) -> int:
+        """How many writes of run_id wait in its journal."""
+        journal = self.journal(run_id)
+        return journal.pending() if journal is not None else 0
+
+    def flush(self, run_id: str, wait_s: float = 0.0) -> int:
+        """Replay run_id's journal (every writer's entries, oldest first) when the backoff allows;
+        keep trying, backing off, for up to wait_s. Returns how many writes are still kept."""
+        journal = self.journal(run_id)
+        if journal is None:
+            return 0
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = journal.pending()
+            if left and self._backoff.ready():
+                delivered, left = journal.deliver(
+                    lambda e: self._apply(e.run_id, e.op, e.args, journal), unreachable
+                )
+                if delivered:
+                    logger.info(
+                        "sent %d kept MLflow writes of run %s to %s; %d left",
+                        delivered,
+                        run_id,
+                        self._uri(),
+                        left,
+                    )
+                if left:
+                    self._backoff.failed()
+                else:
+                    self._backoff.succeeded()
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(max(0.0, min(self._backoff.next_at, deadline) - time.monotonic()))
+
+    def _write(self, run_id: str, op: str, args: dict[str, Any], files: tuple[str, ...] = ()) -> Any:
+        journal = self.journal(run_id)
+        if journal is None:
+            return with_retries(lambda: self._apply(run_id, op, args), f"{op} of run {run_id}")
+        if journal.pending():  # behind the writes already waiting, to keep their order
+            journal.append(op, args, tracking_uri=self._uri(), files=files)
+            self.flush(run_id)
+            return None
+        delay = 0.5
+        for attempt in range(1, DIRECT_ATTEMPTS + 1):
+            try:
+                return self._apply(run_id, op, args)
+            except Exception as exc:
+                if not unreachable(exc):
+                    raise
+                if attempt < DIRECT_ATTEMPTS:
+                    time.sleep(delay)
+                    delay *= 2
+                    continue
+                journal.append(op, args, tracking_uri=self._uri(), files=files)
+                logger.warning(
+                    "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
+                    self._uri(),
+                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                    run_id,
+                    journal.directory,
+                )
+                self._backoff.failed()
+        return None
+
+    def _apply(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None = None) -> Any:
+        """Perform one write; paths of a journaled write are inside the journal."""
+        if self.journal_root is None:
+            return self._send(run_id, op, args, None)
+        with _fail_fast():
+            return self._send(run_id, op, args, journal)
+
+    def _send(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None) -> Any:
+        path = (
+            str(journal.path_of(args["path"])) if journal is not None and "path" in args else args.get("path")
+        )
+        if op == "params":
+            items = [Param(k, v) for k, v in args["params"].items()]
+            for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+                self.client.log_batch(run_id, params=items[i : i + 100])
+        elif op == "metrics":
+            items = [Metric(k, v, args["timestamp"], args["step"]) for k, v in args["metrics"].items()]
+            self.client.log_batch(run_id, metrics=items)
+        elif op == "tags":
+            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in args["tags"].items()])
+        elif op == "artifact" and Path(path).is_dir():
+            self.client.log_artifacts(run_id, path, args["artifact_path"])
+        elif op == "artifact":
+            self.client.log_artifact(run_id, path, args["artifact_path"])
+        elif op == "model":
+            return self._log_model(run_id, path, args["name"])
+        elif op == "end":
+            self.client.set_terminated(run_id, args["status"], args["end_time"])
+        else:
+            raise ValueError(f"unknown MLflow write {op!r}: expected params|metrics|tags|artifact|model|end")
+        return None
+
+    def _log_model(self, run_id: str, model_file: str, name: str) -> str:
         mlflow.set_tracking_uri(self.tracking_uri)
         with mlflow.start_run(run_id=run_id):
-            info = with_retries(
-                lambda: mlflow.pyfunc.log_model(
-                    name=name,
-                    python_model=RetinaNetPyfunc(),
-                    artifacts={"model": str(model_file)},
-                    pip_requirements=pip_requirements(),
-                ),
-                "log model",
+            info = mlflow.pyfunc.log_model(
+                name=name,
+                python_model=RetinaNetPyfunc(),
+                artifacts={"model": model_file},
+                pip_requirements=pip_requirements(),
             )
         return info.model_uri
+
+    def _uri(self) -> str:
+        from retinaops.settings import redact
+
+        return redact(self.tracking_uri)
 
     # -- the model registry (used by registry.py) --
 
@@ -182,16 +340,18 @@ class MLflowCallback(UserCallback):
     and so this callback and its run, carry on: one run holds the whole history.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    def __init__(self, tracking_uri: str, run_id: str, journal_root: str | Path | None = None) -> None:
         self.tracking_uri = tracking_uri
         self.run_id = run_id
+        # Decided here, on the driver: the controller's environment may lack RETINAOPS_HOME.
+        self.journal_root = str(journal_root or default_journal_root())
         self._tracker: Tracker | None = None
         self.num_failures = 0
 
     @property
     def tracker(self) -> Tracker:
         if self._tracker is None:
-            self._tracker = Tracker(self.tracking_uri)
+            self._tracker = Tracker(self.tracking_uri, journal_root=self.journal_root, writer="controller")
         return self._tracker
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -216,106 +376,21 @@ class MLflowCallback(UserCallback):
             logger.exception("could not record a worker failure in MLflow run %s", self.run_id)
 
 
-def pip_requirements() -> list[str]:
-    """What a serving environment needs for the logged model: this distribution pins the rest."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return [f"retinanet-platform=={version('retinanet-platform')}"]
-    except PackageNotFoundError:
-        return ["retinanet-platform"]
-
-
-# MLflow wraps a predict() defined on a PythonModel subclass and nags for type hints; ours takes
-# several input forms on purpose, so it lives on a plain mixin and validates its input itself.
-class _RetinaNetPredict:
-    """The generic MLflow face of a retinanet model file.
-
-    predict() takes a pandas DataFrame with an `image` column (file paths or encoded image bytes),
-    a list of paths, or uint8 arrays (H, W, 3) / (N, H, W, 3); it returns one row per detection:
-    image (index of the input), x1, y1, x2, y2 (pixels), score, label, category_id, class_name.
+def replay(journal_dir: str | Path, tracking_uri: str | None = None) -> tuple[str, int, int]:
+    """Send the MLflow writes a run kept in its journal folder, oldest first, to tracking_uri (default:
+    the server the run used, as recorded). Returns (uri, delivered, left); left > 0 when the server
+    failed again on the way. For after the fact: MLflow was still down at the end, or the process died.
     """
-
-    def load_context(self, context) -> None:
-        from retinanet import RetinaNet
-        from retinanet.checkpoint import read_checkpoint
-
-        path = context.artifacts["model"]
-        self.model = RetinaNet.load(path).eval()
-        extra = read_checkpoint(path).get("extra", {})
-        num_classes = self.model.config.num_classes
-        self.class_names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
-        self.category_ids = list(extra.get("category_ids") or range(num_classes))
-
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import torch
-
-        images = _images_from(model_input)
-        rows = []
-        with torch.inference_mode():
-            for start in range(0, len(images), 8):
-                for offset, det in enumerate(self.model(images[start : start + 8])):
-                    for box, score, label in zip(
-                        det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-                    ):
-                        rows.append(
-                            {
-                                "image": start + offset,
-                                "x1": box[0],
-                                "y1": box[1],
-                                "x2": box[2],
-                                "y2": box[3],
-                                "score": score,
-                                "label": label,
-                                "category_id": self.category_ids[label],
-                                "class_name": self.class_names[label],
-                            }
-                        )
-        columns = ["image", "x1", "y1", "x2", "y2", "score", "label", "category_id", "class_name"]
-        return pd.DataFrame(rows, columns=columns)
+    journal = Journal(journal_dir, "replay")
+    uri = tracking_uri or journal.recorded_uri()
+    if uri is None:
+        raise ValueError(
+            f"{journal_dir}: the run's tracking URI had credentials, never written down: pass it"
+        )
+    tracker = Tracker(uri, journal_root=journal.directory.parent)
+    delivered, left = journal.deliver(lambda e: tracker._apply(e.run_id, e.op, e.args, journal), unreachable)
+    return tracker._uri(), delivered, left
 
 
-class RetinaNetPyfunc(_RetinaNetPredict, mlflow.pyfunc.PythonModel):
-    """A retinanet model file served through MLflow's pyfunc interface (see _RetinaNetPredict)."""
-
-
-def _images_from(model_input) -> list:
-    """(3, H, W) float tensors in [0, 1] from the input forms predict() accepts."""
-    import io
-
-    import numpy as np
-    import pandas as pd
-    import torch
-    from PIL import Image
-
-    from retinanet.data.images import read_image
-
-    def from_array(array) -> torch.Tensor:
-        array = np.asarray(array)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {array.shape}")
-        scale = 255.0 if array.dtype == np.uint8 else 1.0
-        return torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1).contiguous()
-
-    def from_item(item) -> torch.Tensor:
-        if isinstance(item, (bytes, bytearray)):
-            rgb = Image.open(io.BytesIO(item)).convert("RGB")
-            return from_array(np.asarray(rgb))
-        if isinstance(item, str):
-            return read_image(item)
-        return from_array(item)
-
-    if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
-            raise ValueError(
-                f"expected a DataFrame with an 'image' column, got columns {list(model_input.columns)}"
-            )
-        return [from_item(v) for v in model_input["image"].tolist()]
-    if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-        return [from_array(a) for a in model_input]
-    if isinstance(model_input, np.ndarray):
-        return [from_array(model_input)]
-    if isinstance(model_input, (list, tuple)):
-        return [from_item(v) for v in model_input]
-    raise ValueError(f"expected image paths, bytes or arrays, got {type(model_input).__name__}")
+class RetinaNetPyfunc(RetinaNetPredict, mlflow.pyfunc.PythonModel):
+    """A retinanet model file served through MLflow's pyfunc interface (see serving.RetinaNetPredict)."""

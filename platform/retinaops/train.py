@@ -6,7 +6,6 @@ only rank 0 attaches a checkpoint. Workers talk to torch, the data and storage o
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
@@ -28,7 +28,13 @@ from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import CocoDataset, RandomHorizontalFlip, collate
 from retinanet.evaluate import coco_eval, measure_latency, to_coco_results
 from retinaops.spec import JobSpec
-from retinaops.storage import materialize
+from retinaops.storage import (
+    download_dir,
+    materialize,
+    publish_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +42,37 @@ STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 EVAL_FILE = "eval.json"
 PREDICTIONS_FILE = "predictions.json"
-MANIFEST_FILE = "manifest.json"
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many non-finite losses in a row: the run cannot recover by skipping steps."""
+
+
+class NonFiniteGuard:
+    """Skips steps whose loss is NaN/inf on any rank (all ranks skip together), counts them, and
+    raises NonFiniteLossError after max_in_a_row of them in a row, across epoch boundaries."""
+
+    def __init__(self, max_in_a_row: int) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row = 0
+        self.skipped = 0  # over the whole run; train_loop reports them per epoch
+
+    def skip(self, loss: torch.Tensor, *, epoch: int, step: int) -> bool:
+        bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # (1,)
+        if _distributed():
+            dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
+        if bad.item() == 0:
+            self.in_a_row = 0
+            return False
+        self.skipped += 1
+        self.in_a_row += 1
+        logger.warning("epoch %d step %d: non-finite loss %s, step skipped", epoch, step, loss.item())
+        if self.in_a_row >= self.max_in_a_row:
+            raise NonFiniteLossError(
+                f"epoch {epoch} step {step}: {self.in_a_row} non-finite losses in a row "
+                f"(train.max_nonfinite_steps={self.max_in_a_row}); lower train.lr, enable train.clip_grad_norm or check the data and model.backbone_weights"
+            )
+        return True
 
 
 def _distributed() -> bool:
@@ -155,45 +187,21 @@ def _save_state(path: Path, model: RetinaNet, optimizer, scheduler, scaler, epoc
     torch.save(state, path)
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def write_manifest(directory: Path) -> None:
-    """Size and SHA-256 of every file: a checkpoint is usable only when all of them match."""
-    files = {
-        p.name: {"size": p.stat().st_size, "sha256": _file_digest(p)} for p in sorted(directory.iterdir())
-    }
-    Path(directory, MANIFEST_FILE).write_text(json.dumps(files, indent=1))
-
-
-def verify_checkpoint(directory: str | Path) -> None:
-    """ValueError naming the checkpoint and the files that are missing or differ from its manifest."""
-    directory = Path(directory)
-    manifest_path = directory / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise ValueError(f"{directory}: incomplete checkpoint (no {MANIFEST_FILE})")
-    expected = json.loads(manifest_path.read_text())
-    bad = [
-        name
-        for name, entry in expected.items()
-        if not (directory / name).is_file()
-        or (directory / name).stat().st_size != entry["size"]
-        or _file_digest(directory / name) != entry["sha256"]
-    ]
-    if bad:
-        raise ValueError(
-            f"{directory}: incomplete or corrupt checkpoint: {', '.join(bad)} missing or changed"
-        )
+def upload_checkpoint(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
+    """Ray Train's upload hook: publish into the run's storage with retries, manifest last (see publish_checkpoint)."""
+    storage = ray.train.get_context().get_storage()
+    dest = storage.build_checkpoint_path_from_name(dir_name)
+    publish_checkpoint(checkpoint.path, storage.storage_filesystem, dest)
+    return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
 
 
 def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, int]:
     """Load a reported checkpoint after verifying it; returns (next epoch, global step)."""
-    with checkpoint.as_directory() as directory:
+    with tempfile.TemporaryDirectory() as tmp:
+        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+            directory = Path(checkpoint.path)
+        else:  # retried while the store fails: a restart must not die of a short outage
+            directory = download_dir(checkpoint.filesystem, checkpoint.path, tmp)
         verify_checkpoint(directory)
         state = torch.load(Path(directory, STATE_FILE), map_location="cpu", weights_only=True)
     model.load_state_dict(state["model"])
@@ -248,6 +256,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     amp_dtype, use_scaler = _amp_settings(spec, device)
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
+    guard = NonFiniteGuard(t.max_nonfinite_steps)
     start_epoch, step = 0, 0
     resumed_from = -1  # the epoch training (re)started at after a restore; -1: a fresh start
     checkpoint = ray.train.get_checkpoint()
@@ -262,7 +271,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loader.sampler.set_epoch(epoch)
         ddp_model.train()
         sums = torch.zeros(3, device=device)  # classification, bbox_regression, images
-        skipped, bad_in_a_row, good_steps = 0, 0, 0
+        skipped_before, good_steps = guard.skipped, 0
         started = time.perf_counter()
         for i, (images, targets) in enumerate(loader):
             if i >= iters_per_epoch:
@@ -271,21 +280,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             with autocast:
                 losses = ddp_model(images, targets)
             loss = losses["classification"] + losses["bbox_regression"]
-            bad = (~torch.isfinite(loss)).float().reshape(1)
-            if _distributed():
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
-            if bad.item() > 0:
-                skipped += 1
-                bad_in_a_row += 1
-                optimizer.zero_grad(set_to_none=True)
-                if bad_in_a_row >= t.max_nonfinite_steps:
-                    raise NonFiniteLossError(
-                        f"epoch {epoch} step {step}: {bad_in_a_row} non-finite losses in a row "
-                        f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); lower train.lr or enable clipping"
-                    )
-                continue
-            bad_in_a_row = 0
             optimizer.zero_grad(set_to_none=True)
+            if guard.skip(loss, epoch=epoch, step=step):
+                continue
             if scaler is not None:
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
@@ -313,7 +310,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.all_reduce(sums)
             dist.all_reduce(steps_done)
         elapsed = time.perf_counter() - started
-        done = max(1.0, steps_done.item())
+        done = steps_done.item() or float("nan")  # no loss to report when every step was skipped
         metrics: dict[str, Any] = {
             "epoch": epoch,
             "step": step,
@@ -322,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": (sums[0].item() + sums[1].item()) / done,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": sums[2].item() / elapsed,
-            "skipped_steps": float(skipped),
+            "skipped_steps": float(guard.skipped - skipped_before),
             "resumed_from_epoch": float(resumed_from),
         }
         evaluate_now = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
@@ -340,6 +337,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
             if rank == 0:
                 metrics.update(coco)
+            if rank == 0 and t.latency_iters > 0:  # 0 skips the measurement
                 latency = measure_latency(net, batch_size=1, iters=t.latency_iters, device=device)
                 metrics.update(
                     {
@@ -373,7 +371,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if predictions is not None:
                     Path(tmp, PREDICTIONS_FILE).write_text(json.dumps(predictions))
                 write_manifest(Path(tmp))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+                checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint)
         else:
             ray.train.report(metrics)
         net.train()

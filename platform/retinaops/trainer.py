@@ -27,7 +27,7 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from retinanet import RetinaNetConfig  # noqa: E402
 from retinanet.data import load_coco, make_synthetic_coco  # noqa: E402
-from retinaops.settings import Settings  # noqa: E402
+from retinaops.settings import Settings, redact  # noqa: E402
 from retinaops.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
 from retinaops.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
 from retinaops.tracking import MLflowCallback, Tracker  # noqa: E402
@@ -119,9 +119,10 @@ def prepare_job(spec: JobSpec, settings: Settings) -> PreparedJob:
     model_fields = dict(spec.model)
     if model_fields.get("num_classes", len(train_cats)) != len(train_cats):
         raise SpecError(
+            spec.source,
             [
                 f"model.num_classes: the data has {len(train_cats)} categories, got {model_fields['num_classes']}"
-            ]
+            ],
         )
     model_fields["num_classes"] = len(train_cats)
     try:
@@ -177,15 +178,11 @@ def build_trainer(job: PreparedJob, settings: Settings, *, name: str, callbacks:
     )
 
 
-# Workers inherit their node's environment, not the driver's: hand on what storage access needs.
-FORWARDED = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_DEFAULT_REGION",
-    "AWS_ENDPOINT_URL",
-    "RETINAOPS_S3_ENDPOINT",
-)
+# Workers inherit their node's environment, not the driver's: hand on where storage is. Never keys:
+# Ray logs every runtime_env (runtime_env_agent.log) and serves it to whoever reaches the dashboard.
+# Nodes take credentials from their own environment (instance role, Secret); an embedded Ray's nodes
+# are children of this process and inherit its environment.
+FORWARDED = ("AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL", "RETINAOPS_S3_ENDPOINT")
 
 
 def forwarded_env() -> dict[str, str]:
@@ -226,13 +223,47 @@ class TrainingOutcome:
     metrics: dict[str, Any]
     model_uri: str | None
     wall_s: float
+    mlflow_journal: str | None = None
+    """The folder of MLflow writes the server never took (it was down at the end); None: all delivered."""
+
+
+# How long the driver waits at the end of a run for an unreachable MLflow server to come back.
+FINAL_FLUSH_WAIT_S = 60.0
+
+
+def check_cluster_resources(
+    spec: JobSpec, available: dict[str, float], address: str, *, fixed: bool = True
+) -> None:
+    """Fewer CPUs or GPUs in the cluster than the workers ask for: Ray would wait for them forever.
+
+    available is `ray.cluster_resources()`. With fixed resources (an embedded Ray) that is a SpecError;
+    a cluster may autoscale (a KubeRay GPU group scaled to zero), so there it is a warning.
+    """
+    s = spec.scaling
+    fields = {"CPU": "cpus_per_worker", "GPU": "gpus_per_worker"}
+    problems = []
+    for kind, each in s.resources_per_worker().items():
+        need, have = s.num_workers * each, available.get(kind, 0.0)
+        if need > have:
+            problems.append(
+                f"scaling.num_workers: {s.num_workers} workers x {each:g} {kind} (scaling.{fields[kind]}) "
+                f"need {need:g} {kind}s, expected at most the {have:g} of the Ray cluster at {address}"
+            )
+    if problems and fixed:
+        raise SpecError(spec.source, problems)
+    for problem in problems:
+        logger.warning("%s: %s (waiting for the cluster to scale up)", spec.source, problem)
 
 
 def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     started = time.monotonic()
     job = prepare_job(spec, settings)
+    ensure_ray(settings)
+    address = settings.ray_address or "(embedded)"
+    check_cluster_resources(job.spec, ray.cluster_resources(), address, fixed=not settings.ray_address)
     tracking_uri = spec.tracking.tracking_uri or settings.tracking_uri
-    tracker = Tracker(tracking_uri, str(settings.artifact_root))
+    journal_root = settings.home / "mlflow-journal"
+    tracker = Tracker(tracking_uri, str(settings.artifact_root), journal_root=journal_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = spec.tracking.run_name or f"{spec.name}-{stamp}"
     params = {
@@ -243,17 +274,18 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     }
     run_id = tracker.start_run(spec.tracking.experiment, run_name, params=params, tags=run_tags(job))
     logger.info("MLflow run %s in experiment %r at %s", run_id, spec.tracking.experiment, tracking_uri)
-    ensure_ray(settings)
-    trainer = build_trainer(
-        job, settings, name=f"{run_name}-{run_id[:8]}", callbacks=[MLflowCallback(tracking_uri, run_id)]
-    )
+    callback = MLflowCallback(tracking_uri, run_id, journal_root)
+    trainer = build_trainer(job, settings, name=f"{run_name}-{run_id[:8]}", callbacks=[callback])
     try:
         result = trainer.fit()
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end_run(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
+        where_kept(tracker, run_id)
         raise
     prune_orphan_checkpoints(result)
+    # The epochs the controller could not log go first, so that the run ends after its history.
+    tracker.flush(run_id, wait_s=FINAL_FLUSH_WAIT_S)
     model_uri = None
     checkpoint_uri = result.checkpoint.path if result.checkpoint is not None else None
     if result.checkpoint is not None:
@@ -262,6 +294,7 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
             model_uri = log_final_artifacts(tracker, run_id, job, local)
     tracker.set_tags(run_id, {"checkpoint.final": checkpoint_uri or ""})
     tracker.end_run(run_id, "FINISHED")
+    journal = where_kept(tracker, run_id)
     return TrainingOutcome(
         run_id,
         spec.tracking.experiment,
@@ -270,7 +303,25 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
         dict(result.metrics or {}),
         model_uri,
         time.monotonic() - started,
+        journal,
     )
+
+
+def where_kept(tracker: Tracker, run_id: str) -> str | None:
+    """The journal folder of run_id's MLflow writes the server never took, said in a warning; None if none."""
+    journal = tracker.journal(run_id)
+    if journal is None or not (left := journal.pending()):
+        return None
+    logger.warning(
+        "MLflow at %s did not come back: %d writes of run %s (metrics, artifacts, its end) are kept in %s; "
+        "send them with `retinaops replay %s` once it is up",
+        redact(tracker.tracking_uri),
+        left,
+        run_id,
+        journal.directory,
+        journal.directory,
+    )
+    return str(journal.directory)
 
 
 def prune_orphan_checkpoints(result) -> list[str]:
@@ -302,7 +353,7 @@ def prune_orphan_checkpoints(result) -> list[str]:
     return removed
 
 
-def log_final_artifacts(tracker: Tracker, run_id: str, job: PreparedJob, checkpoint_dir: Path) -> str:
+def log_final_artifacts(tracker: Tracker, run_id: str, job: PreparedJob, checkpoint_dir: Path) -> str | None:
     """The resolved spec, the final model, evaluation files, plots and the pyfunc model."""
     from retinaops.report import draw_samples, plot_pr_curve
 

@@ -1,19 +1,25 @@
-"""Real services for the integration tests, started once per session on 127.0.0.1 and stopped after."""
+"""Real services for the integration tests: the local stack, started once per session by `retinaops stack up`
+on 127.0.0.1 (an S3 endpoint, an MLflow server on it, a Ray head and a Ray worker node of 1 CPU each) and
+stopped after by `retinaops stack down`."""
 
 import os
 import secrets
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
 
-# Ray reads these when it is imported: set them before anything imports it. The session's cluster
-# runs with token authentication, with a token made here.
+# Ray reads these when it is imported: set them before anything imports it. The stack's cluster runs with
+# token authentication, with this token (`stack up` takes RAY_AUTH_TOKEN when it is set).
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
-from retinaops.stack import start_mlflow, start_ray_head, start_s3  # noqa: E402
+from retinaops.localstack import load_stack  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def pytest_collection_modifyitems(items):
@@ -22,30 +28,51 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.integration)
 
 
+def stack_command(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "retinaops.cli", "stack", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 @pytest.fixture(scope="session")
 def services_dir():
     return Path(tempfile.mkdtemp(prefix="retinaops-it-"))
 
 
 @pytest.fixture(scope="session")
-def mlflow_server(services_dir):
-    service = start_mlflow(services_dir / "mlflow")
-    yield service
-    service.stop()
+def stack(services_dir):
+    """The local stack as `make stack-up` starts it. Two Ray nodes of 1 CPU: a 2-worker run spans both."""
+    home = services_dir / "stack"
+    up = stack_command("up", "--dir", str(home), "--cpus-per-node", "1")
+    if up.returncode != 0:
+        raise RuntimeError(f"retinaops stack up failed:\n{up.stdout}{up.stderr[-4000:]}")
+    started = load_stack(home)
+    yield started
+    down = stack_command("down", "--dir", str(home))
+    left = [name for name, service in started.services.items() if service.is_running()]
+    assert down.returncode == 0 and not left, f"stack down left {left} running: {down.stderr}"
 
 
 @pytest.fixture(scope="session")
-def s3_server(services_dir):
-    service = start_s3(services_dir / "s3")
-    yield service
-    service.stop()
+def mlflow_server(stack):
+    """`mlflow server` on SQLite with its artifacts on the S3 endpoint; env: MLFLOW_TRACKING_URI."""
+    return stack.services["mlflow"]
 
 
 @pytest.fixture(scope="session")
-def ray_head(services_dir):
-    service = start_ray_head(services_dir / "ray", num_cpus=2, token=os.environ["RAY_AUTH_TOKEN"])
-    yield service
-    service.stop()
+def s3_server(stack):
+    """The S3 endpoint; env: its AWS_* credentials, AWS_ENDPOINT_URL and RETINAOPS_S3_ENDPOINT."""
+    return stack.services["s3"]
+
+
+@pytest.fixture(scope="session")
+def ray_head(stack):
+    """The head of the two-node cluster; env: RAY_ADDRESS, RAY_API_SERVER_ADDRESS and the token settings."""
+    return stack.services["ray-head"]
 
 
 @pytest.fixture(scope="session")

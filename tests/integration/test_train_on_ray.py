@@ -61,15 +61,17 @@ def retinaops(args, env, **kw):
     )
 
 
-def train_worker_pids() -> list[int]:
+def train_worker_pids(sids: set[int]) -> list[int]:
+    """Train workers of our cluster: in the sessions of its Ray nodes (other Rays may share the host)."""
     pids = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                sid = os.getsid(int(entry))
             except OSError:
                 continue
-            if cmdline.startswith(b"ray::RayTrainWorker"):
+            if cmdline.startswith(b"ray::RayTrainWorker") and sid in sids:
                 pids.append(int(entry))
     return pids
 
@@ -100,7 +102,7 @@ def wait_for_metric_step(client, run_id, key, step, proc, timeout=300):
 
 
 def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
-    tmp_path, platform_env, shapes, mlflow_server, s3_server
+    tmp_path, platform_env, shapes, mlflow_server, s3_server, stack
 ):
     import boto3
     from mlflow import MlflowClient
@@ -117,7 +119,7 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
     run = wait_for_run(client, "it-train", "fault-run", proc)
     wait_for_metric_step(client, run.info.run_id, "loss", 0, proc)
     time.sleep(2.0)  # into epoch 1
-    victims = train_worker_pids()
+    victims = train_worker_pids({stack.services[n].sid for n in ("ray-head", "ray-worker")})
     assert len(victims) == 2
     os.kill(victims[-1], signal.SIGKILL)
     out, err = proc.communicate(timeout=600)

@@ -1,5 +1,6 @@
 """`retinaops train` refuses bad specs and bad data paths before Ray starts, and writes nothing."""
 
+import pytest
 import yaml
 
 from retinaops.cli import main
@@ -48,3 +49,42 @@ def test_missing_data_is_refused_before_ray_starts(tmp_path, monkeypatch, capsys
 def test_missing_spec_file_is_named(tmp_path, capsys):
     assert main(["train", str(tmp_path / "absent.yaml")]) == 2
     assert "absent.yaml" in capsys.readouterr().err
+
+
+def test_demo_refuses_a_spec_without_a_sweep_before_ray_starts(tmp_path, monkeypatch, capsys):
+    import ray
+
+    monkeypatch.setenv("RETINAOPS_HOME", str(tmp_path / "home"))
+    path = _spec(tmp_path, data={"root": str(tmp_path)})
+    assert main(["demo", "--spec", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: the demo runs a sweep: expected a sweep section, got none" in err
+    assert not ray.is_initialized() and not (tmp_path / "home").exists()
+
+
+def test_demo_names_its_missing_spec(tmp_path, capsys):
+    assert main(["demo", "--spec", str(tmp_path / "absent.yaml")]) == 2
+    assert "absent.yaml: the demo spec is missing" in capsys.readouterr().err
+
+
+def test_the_demo_spec_sweeps_backbone_against_resolution_with_asha():
+    from retinaops.cli_train import DEMO_SPEC
+    from retinaops.spec import load_spec
+
+    spec = load_spec(DEMO_SPEC)
+    space = spec.sweep.space
+    assert set(space) == {"model.backbone", "model.min_size"} and spec.sweep.search == "grid"
+    assert len(space["model.backbone"].grid) * len(space["model.min_size"].grid) * spec.sweep.num_samples == 4
+    assert spec.sweep.scheduler.type == "asha" and spec.sweep.max_concurrent == 2
+
+
+def test_the_demos_latency_budget_admits_the_faster_half_of_the_trials_with_a_model():
+    from retinaops.cli_train import latency_budget
+
+    def row(latency, status="FINISHED", model="models:/m"):
+        return {"latency_ms": latency, "status": status, "model_uri": model}
+
+    rows = [row(41.27), row(12.0), row(30.01), row(55.0), row(5.0, status="FAILED"), row(1.0, model=None)]
+    assert latency_budget(rows) == 30.1  # 12 and 30.01 of 12, 30.01, 41.27, 55; rounded up
+    with pytest.raises(ValueError, match="no trial of the sweep finished with a model"):
+        latency_budget(rows[4:])

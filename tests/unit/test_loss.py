@@ -161,3 +161,76 @@ def test_ema_normalizer_moves_towards_the_foreground_count_and_is_a_buffer():
     )
     assert loss.num_fg_ema.item() == pytest.approx(0.9 * 100 + 0.1 * 10)
     assert "num_fg_ema" in loss.state_dict()
+
+
+def _dense_reference(logits, labels, valid, alpha, gamma):
+    c = logits.shape[-1]
+    one_hot = F.one_hot(labels.clamp(min=0), c).to(logits.dtype) * (labels >= 0)[..., None]
+    return (sigmoid_focal_loss(logits, one_hot, alpha, gamma).sum(2) * valid).sum(1)
+
+
+def test_gradient_kept_from_forward_equals_the_one_recomputed_by_a_second_backward(monkeypatch):
+    import retinanet.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_FOCAL_BLOCK", 4 * 5)  # 4 anchors per block
+    monkeypatch.setattr(loss_module, "_FOCAL_MAX_BLOCKS", 100)
+    reference = (torch.randn(2, 30, 5, dtype=torch.float64) * 4).requires_grad_()
+    labels = torch.randint(-1, 5, (2, 30))
+    valid = torch.rand(2, 30) > 0.2
+    weights = torch.tensor([0.5, 2.0])
+    (expected,) = torch.autograd.grad(
+        (_dense_reference(reference, labels, valid, 0.25, 2.0) * weights.double()).sum(), reference
+    )
+    logits = reference.detach().float().requires_grad_()  # float32: forward keeps the gradient
+    loss = (focal_loss_per_image(logits, labels, valid, 0.25, 2.0) * weights).sum()
+    (kept,) = torch.autograd.grad(loss, logits, retain_graph=True)
+    (recomputed,) = torch.autograd.grad(loss, logits)
+    torch.testing.assert_close(kept, recomputed, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(kept.double(), expected, rtol=1e-5, atol=1e-6)
+    assert torch.all(kept[~valid] == 0)  # ignored anchors get no gradient
+
+
+def test_gpu_path_of_the_focal_loss_gives_the_cpu_paths_loss_and_gradient(monkeypatch):
+    import retinanet.loss as loss_module
+
+    logits = (torch.randn(3, 40, 6) * 3).requires_grad_()
+    labels = torch.randint(-1, 6, (3, 40))
+    valid = torch.rand(3, 40) > 0.1
+    cpu_loss = focal_loss_per_image(logits, labels, valid, 0.25, 2.0)
+    (cpu_grad,) = torch.autograd.grad(cpu_loss.sum(), logits)
+    monkeypatch.setattr(loss_module, "_on_cpu", lambda t: False)  # one block, scatter instead of indexing
+    gpu_loss = focal_loss_per_image(logits, labels, valid, 0.25, 2.0)
+    (gpu_grad,) = torch.autograd.grad(gpu_loss.sum(), logits)
+    torch.testing.assert_close(gpu_loss, cpu_loss)
+    torch.testing.assert_close(gpu_grad, cpu_grad)
+
+
+@pytest.mark.parametrize("kind", ["smooth_l1", "l1", "giou"])
+def test_dense_box_loss_of_the_gpu_path_equals_the_cpu_paths_foreground_only_one(kind, monkeypatch):
+    import retinanet.loss as loss_module
+
+    n, a, g = 2, 30, 3
+    xy = torch.rand(a, 2) * 50
+    anchors = torch.cat([xy, xy + torch.rand(a, 2) * 20 + 2], 1)
+    gt_xy = torch.rand(n, g, 2) * 50
+    gt_boxes = torch.cat([gt_xy, gt_xy + torch.rand(n, g, 2) * 20 + 2], 2)
+    matches = torch.randint(-2, g, (n, a))
+    loss = RetinaNetLoss(
+        alpha=0.25, gamma=2.0, box_loss=kind, box_weights=(1.0,) * 4, smooth_l1_beta=0.1, normalizer="batch"
+    )
+    results = []
+    for on_cpu in (True, False):
+        monkeypatch.setattr(loss_module, "_on_cpu", lambda t, on_cpu=on_cpu: on_cpu)
+        bbox_regression = torch.randn(n, a, 4, generator=torch.Generator().manual_seed(0)).requires_grad_()
+        out = loss(
+            torch.randn(n, a, 3),
+            bbox_regression,
+            anchors,
+            matches,
+            gt_boxes,
+            torch.zeros(n, g, dtype=torch.int64),
+        )
+        out["bbox_regression"].backward()
+        results.append((out["bbox_regression"], bbox_regression.grad))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -88,3 +88,40 @@ def test_batched_matcher_equals_per_image_reference(boxes_per_image, seed):
             if (iou.max(dim=1).values == 0).any():
                 continue  # an object overlapping no anchor: torchvision elects every anchor, we elect none
         assert torch.equal(got[i], expected), f"image {i}"
+
+
+def _crowded_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    xy = torch.rand(300, 2, generator=g) * 250
+    anchors = torch.cat([xy, xy + torch.rand(300, 2, generator=g) * 100 + 4], 1)
+    gt_xy = torch.rand(3, 5, 2, generator=g) * 200
+    gt_boxes = torch.cat([gt_xy, gt_xy + torch.rand(3, 5, 2, generator=g) * 80 + 8], 2)
+    gt_valid = torch.tensor([[True] * 5, [True] * 3 + [False] * 2, [False] * 5])
+    gt_crowd = torch.zeros(3, 5, dtype=torch.bool)
+    gt_crowd[0, 4] = gt_crowd[1, 0] = True
+    return gt_boxes, gt_valid, gt_crowd, anchors
+
+
+def test_matching_in_many_blocks_of_anchors_equals_matching_in_one(monkeypatch):
+    import retinanet.matcher as matcher_module
+
+    gt_boxes, gt_valid, gt_crowd, anchors = _crowded_batch(seed=3)
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    one_block = matcher(gt_boxes, gt_valid, gt_crowd, anchors)
+    assert (one_block >= 0).any() and (one_block == IGNORE).any()
+    monkeypatch.setattr(matcher_module, "_BLOCK", 1)  # 1 anchor per block, up to _MAX_BLOCKS blocks
+    monkeypatch.setattr(matcher_module, "_MAX_BLOCKS", 1000)
+    assert torch.equal(matcher(gt_boxes, gt_valid, gt_crowd, anchors), one_block)
+
+
+def test_gpu_path_of_the_matcher_gives_the_cpu_paths_matches(monkeypatch):
+    import retinanet.matcher as matcher_module
+
+    matcher = Matcher(0.5, 0.4, allow_low_quality_matches=True)
+    for crowd in (True, False):
+        gt_boxes, gt_valid, gt_crowd, anchors = _crowded_batch(seed=4)
+        gt_crowd &= crowd
+        expected = matcher(gt_boxes, gt_valid, gt_crowd, anchors)
+        with monkeypatch.context() as m:
+            m.setattr(matcher_module, "_on_cpu", lambda t: False)  # one block, crowd pass always on
+            assert torch.equal(matcher(gt_boxes, gt_valid, gt_crowd, anchors), expected)

@@ -1,5 +1,6 @@
 """Batched post-processing equals torchvision's per-image, per-level reference."""
 
+import pytest
 import torch
 from torchvision.ops import batched_nms as tv_batched_nms
 from torchvision.ops import clip_boxes_to_image
@@ -44,12 +45,13 @@ def _random_outputs(n=3, c=4, per_level=(64, 16, 4), seed=0):
     return cls_logits, bbox_regression, anchors, list(per_level)
 
 
-def test_batched_postprocess_equals_per_image_reference():
+@pytest.mark.parametrize("thresh", [0.3, 0.0])  # candidates above a threshold; every logit (top-k only)
+def test_batched_postprocess_equals_per_image_reference(thresh):
     cls_logits, bbox_regression, anchors, per_level = _random_outputs()
     sizes = [(120, 130), (90, 100), (140, 140)]
-    args = dict(score_thresh=0.3, topk_candidates=50, nms_thresh=0.5, detections_per_img=20, box_weights=W)
+    args = dict(score_thresh=thresh, topk_candidates=50, nms_thresh=0.5, detections_per_img=20, box_weights=W)
     got = postprocess(cls_logits, bbox_regression, anchors, per_level, torch.tensor(sizes), **args)
-    expected = _reference(cls_logits, bbox_regression, anchors, per_level, sizes, 0.3, 50, 0.5, 20)
+    expected = _reference(cls_logits, bbox_regression, anchors, per_level, sizes, thresh, 50, 0.5, 20)
     for g, e in zip(got, expected, strict=True):
         assert len(g["scores"]) == len(e["scores"]) > 0
         torch.testing.assert_close(g["scores"], e["scores"])
@@ -119,3 +121,29 @@ def test_selecting_candidates_above_the_threshold_first_equals_a_top_k_over_ever
         assert len(s["scores"]) > 0
         for key in ("boxes", "scores", "labels"):
             assert torch.equal(s[key], d[key])
+
+
+def test_gpu_path_of_batched_nms_equals_torchvisions(monkeypatch):
+    import retinanet.postprocess as post
+
+    monkeypatch.setattr(post, "_on_cpu", lambda t: False)  # one offset nms kernel for all groups
+    boxes, scores, groups = _clustered_boxes(600, 7, seed=11)
+    expected = tv_batched_nms(boxes, scores, groups, 0.5)
+    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), expected)
+    monkeypatch.setattr(post, "_OFFSET_NMS_MAX_BOXES", 100)  # past it, grouped as on the CPU
+    assert torch.equal(batched_nms(boxes, scores, groups, 0.5), expected)
+
+
+def test_top_k_over_the_best_anchors_equals_a_top_k_over_every_logit():
+    import retinanet.postprocess as post
+
+    cls_logits, _, _, per_level = _random_outputs(n=2, c=7, per_level=(300, 40, 5), seed=5)
+    image_idx, flat_idx, values = post._top_candidates_dense(cls_logits, cls_logits.amax(2), per_level, 25)
+    start = 0
+    for level, size in enumerate(per_level):
+        top = cls_logits[:, start : start + size].flatten(1).topk(min(25, size * 7), dim=1)  # (N, k)
+        for n in range(2):
+            mine = (image_idx == n) & (flat_idx >= start * 7) & (flat_idx < (start + size) * 7)
+            assert torch.equal(values[mine], top.values[n]), (level, n)
+            assert torch.equal(flat_idx[mine], top.indices[n] + start * 7), (level, n)
+        start += size

@@ -1,6 +1,8 @@
 """Promotion rules, the choice of a trial and the Pareto front, on hand-made trial tables."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from retinaops.registry import Condition, Rule, Trial, choose, leaderboard, pareto_front
 
@@ -93,3 +95,28 @@ def test_leaderboard_sorts_by_ap_with_trials_without_ap_last_and_marks_the_front
 def test_better_follows_the_rule_mode():
     assert Rule.parse("max AP").better(0.5, 0.4) and not Rule.parse("max AP").better(0.4, 0.4)
     assert Rule.parse("min latency_ms").better(10, 20)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(st.sampled_from([0.0, 0.1, 0.2, 0.3]), st.sampled_from([5.0, 10.0, 20.0])),
+        min_size=1,
+        max_size=8,
+    )
+)
+def test_every_trial_off_the_front_is_beaten_on_both_by_one_on_it(points):
+    trials = [trial(str(i), ap, latency) for i, (ap, latency) in enumerate(points)]
+    front = pareto_front(trials)
+    for t in trials:
+        ap, latency = t.metrics["AP"], t.metrics["latency_ms"]
+        beaten_by = [
+            o
+            for o in trials
+            if o.metrics["AP"] >= ap
+            and o.metrics["latency_ms"] <= latency
+            and (o.metrics["AP"], o.metrics["latency_ms"]) != (ap, latency)
+        ]
+        assert (t.run_id in front) == (not beaten_by)
+        if beaten_by:
+            assert any(o.run_id in front for o in beaten_by)

@@ -1,0 +1,191 @@
+"""One trial of a sweep, run by Ray Tune in the trial's actor: its child run and its TorchTrainer.
+
+`run_trial` is the Tune function trainable. It builds the trial's spec from the sampled values, opens
+(or, on a resumed sweep, reopens) the trial's MLflow child run and fits a TorchTrainer whose
+`MLflowCallback` logs every epoch into that run and whose `TuneReportCallback` hands the same reports
+to Tune for the search and ASHA. A trial whose child run already finished (the driver died after it)
+is not trained again: its final metrics go back to Tune from MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ray import tune
+from ray.train import ControllerError, WorkerGroupError
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from retinanet import RetinaNetConfig
+from retinaops.registry import TRIAL_PARAM_PREFIX
+from retinaops.settings import Settings
+from retinaops.spec import JobSpec, apply_overrides
+from retinaops.sweepspec import SweepSpec
+from retinaops.tracking import PARENT_TAG, MLflowCallback, Tracker
+from retinaops.train import EVAL_FILE, MODEL_FILE
+from retinaops.trainer import PreparedJob, build_trainer, prepare_job, prune_orphan_checkpoints
+
+logger = logging.getLogger(__name__)
+
+TRIAL_TAG = "tune_trial_id"
+SWEEP_TAG = "sweep_name"
+ATTEMPTS_TAG = "train_attempts"  # TorchTrainer fits of the trial: 2 when a resumed sweep continued it
+ERROR_TAG = "error"  # "Type: first line" of what ended a failed trial
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial needs besides its sampled values; shipped to trials by `tune.with_parameters`."""
+
+    spec: dict[str, Any]  # the checked spec without its sweep section, local paths absolute
+    sweep: dict[str, Any]
+    num_classes: int
+    data: dict[str, str]
+    fingerprint: str
+    class_names: list[str]
+    settings: Settings
+    tracking_uri: str
+    experiment: str
+    parent_run_id: str
+    sweep_name: str
+    tags: dict[str, str]  # lineage tags computed by the driver (git commit, versions, data fingerprint)
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """Tune function trainable: the trial's spec, its child run, one TorchTrainer."""
+    sweep = SweepSpec.model_validate(context.sweep)
+    trial_id = tune.get_context().get_trial_id()
+    # Tune samples numpy scalars for ranges; the spec is strict about types.
+    sampled = {
+        k: config[k].item() if hasattr(config[k], "item") else config[k] for k in sweep.space if k in config
+    }
+    tracker = Tracker(context.tracking_uri, str(context.settings.artifact_root))
+    existing = find_child(tracker, context.experiment, context.parent_run_id, trial_id)
+    if existing is not None and existing.info.status == "FINISHED":
+        # Finished before the driver died, and Tune's last snapshot did not know yet: report, don't retrain.
+        logger.info("trial %s finished in an earlier attempt of the sweep: not run again", trial_id)
+        tune.report(dict(existing.data.metrics))
+        return
+    run_id = existing.info.run_id if existing is not None else open_child(tracker, context, trial_id, sampled)
+    attempts = int(existing.data.tags.get(ATTEMPTS_TAG, 0)) + 1 if existing is not None else 1
+    tracker.set_tags(run_id, {ATTEMPTS_TAG: attempts})
+    if existing is not None:
+        tracker.client.update_run(run_id, status="RUNNING")
+    try:
+        job = trial_job(context, sweep.trial_overrides(sampled))
+        if existing is None:
+            tracker.log_params(run_id, job.spec.flat_params())
+            tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
+        trainer = build_trainer(
+            job,
+            context.settings,
+            name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
+            callbacks=[MLflowCallback(context.tracking_uri, run_id), TuneReportCallback()],
+        )
+        result = trainer.fit()
+    except Exception as exc:
+        fail_trial(tracker, run_id, exc)
+        raise
+    prune_orphan_checkpoints(result)
+    finish_trial(tracker, run_id, result.checkpoint)
+
+
+def open_child(tracker: Tracker, context: SweepContext, trial_id: str, sampled: dict[str, Any]) -> str:
+    """A new child run for the trial: what Tune sampled as `trial.*` params, lineage tags."""
+    params = {
+        f"{TRIAL_PARAM_PREFIX}{k}": v if isinstance(v, str) else json.dumps(v) for k, v in sampled.items()
+    }
+    tags = {**context.tags, TRIAL_TAG: trial_id, SWEEP_TAG: context.sweep_name}
+    return tracker.start_run(
+        context.experiment,
+        f"{context.sweep_name}-{trial_id}",
+        params=params,
+        tags=tags,
+        parent_run_id=context.parent_run_id,
+    )
+
+
+def find_child(tracker: Tracker, experiment: str, parent_run_id: str, trial_id: str):
+    """The child run of `trial_id` in the sweep of `parent_run_id`, or None."""
+    exp_id = tracker.experiment_id(experiment)
+    query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
+    found = tracker.client.search_runs([exp_id], query, max_results=1)
+    return found[0] if found else None
+
+
+def trial_job(context: SweepContext, overrides: dict[str, Any]) -> PreparedJob:
+    """The prepared job of one trial: the shared spec with the trial's values; data checks reused."""
+    spec = JobSpec.from_dict(apply_overrides(context.spec, overrides), "sweep trial")
+    if any(key.startswith("data.") for key in overrides):  # other data: check it again
+        return prepare_job(spec, context.settings)
+    model = RetinaNetConfig.from_dict({**spec.model, "num_classes": context.num_classes})
+    return PreparedJob(spec, model, context.data, context.fingerprint, context.class_names)
+
+
+def finish_trial(tracker: Tracker, run_id: str, checkpoint, stopped_early: str | None = None) -> None:
+    """Log the trial's final model and evaluation, tag the checkpoint and model URI, end the run."""
+    tags: dict[str, str] = {}
+    if stopped_early:
+        tags["stopped_early"] = stopped_early
+    if checkpoint is not None:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = Path(checkpoint.to_directory(tmp))
+            if (local / EVAL_FILE).is_file():
+                tracker.log_artifact(run_id, local / EVAL_FILE, "checkpoint")
+            model_uri = tracker.log_model(run_id, local / MODEL_FILE)
+        if model_uri:
+            tags["model_uri"] = model_uri
+        tags["checkpoint"] = checkpoint.path
+    tracker.set_tags(run_id, tags)
+    tracker.end_run(run_id, "FINISHED")
+
+
+def fail_trial(tracker: Tracker, run_id: str, exc: BaseException, status: str = "FAILED") -> None:
+    """End the child run as FAILED: the reason as the `error` tag, the whole report as error.txt."""
+    tracker.set_tags(run_id, {ERROR_TAG: failure_reason(exc)})
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp, "error.txt")
+        report.write_text(f"{type(exc).__name__}: {exc}")
+        tracker.log_artifact(run_id, report)
+    tracker.end_run(run_id, status)
+
+
+def failure_reason(exc: BaseException) -> str:
+    """'Type: first line' of the error a trial died of, out of Ray's wrappers.
+
+    A worker's error reaches the driver as a WorkerGroupError whose failures print as tracebacks;
+    Tune wraps what the trial function raised in a RayTaskError (`.cause`). The reason is the
+    exception line of the innermost one, e.g. "RuntimeError: [enforce fail at alloc_cpu.cpp:127] ...".
+    """
+    while True:
+        if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+            exc = exc.worker_failures[min(exc.worker_failures)]
+        elif isinstance(exc, ControllerError):
+            exc = exc.controller_failure
+        elif isinstance(getattr(exc, "cause", None), BaseException):
+            exc = exc.cause
+        else:
+            break
+    text = str(exc).strip()
+    header = exception_line(text)
+    if header is not None:
+        return header[:1000]
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}"[:1000] if first else type(exc).__name__
+
+
+def exception_line(text: str) -> str | None:
+    """The 'Type: message' line closing the last traceback in text, or None if text holds none."""
+    lines = text.splitlines()
+    frames = [i for i, line in enumerate(lines) if line.startswith("  File ")]
+    if "Traceback (most recent call last):" not in text or not frames:
+        return None
+    # After the last frame come its indented source lines (and carets), then the exception line.
+    for line in lines[frames[-1] + 1 :]:
+        if line and not line.startswith(" "):
+            return line
+    return None

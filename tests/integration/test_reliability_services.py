@@ -1,0 +1,453 @@
+"""Tracking and storage faults for real: an MLflow server stopped and restarted on its port, an S3 endpoint
+refusing connections or answering 503, a writer process killed; then one Ray run through both outages.
+
+`own_mlflow` is this module's MLflow server (SQLite, stopped and restarted on the same port);
+`FlakyEndpoint` is a forwarder on a fixed port in front of the session's S3 endpoint.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from retinaops.stack import free_port, start_mlflow
+from retinaops.storage import publish_checkpoint, s3_filesystem, verify_checkpoint, write_manifest
+from retinaops.tracking import MLflowCallback, Tracker
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def outcome_of(stdout: str) -> dict:
+    """The JSON outcome `retinaops train --json` prints (MLflow and Ray print lines of their own)."""
+    return json.loads(next(line for line in reversed(stdout.splitlines()) if line.startswith('{"run_id"')))
+
+
+EXPERIMENT = "it-reliability"
+
+
+class StoppableMLflow:
+    """An MLflow server that can be stopped and started again on the same port with the same SQLite DB."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir, self.port = workdir, free_port()
+        self.service = start_mlflow(workdir, port=self.port)
+        self.url = self.service.url
+
+    def stop(self) -> None:
+        self.service.stop()
+
+    def start(self) -> None:
+        self.service = start_mlflow(self.workdir, port=self.port)
+
+
+class FlakyEndpoint:
+    """An HTTP/1.1 forwarder on a fixed 127.0.0.1 port in front of a real service, to inject faults.
+
+    refuse(): the port is closed and open connections are cut (connection refused); fail(pattern):
+    requests whose request line contains pattern get 503; heal(): all is forwarded again, same port.
+    """
+
+    def __init__(self, target_url: str) -> None:
+        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.failing: str | None = None
+        self.num_failed = 0
+        self._clients: set[socket.socket] = set()
+        self._listener: socket.socket | None = None
+        self.heal()
+
+    def heal(self) -> None:
+        self.failing = None
+        if self._listener is None:
+            listener = socket.socket()
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            listener.bind(("127.0.0.1", self.port))
+            listener.listen(64)
+            self._listener = listener
+            threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
+
+    def refuse(self) -> None:
+        if self._listener is not None:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+            self._listener.close()
+            self._listener = None
+        for client in list(self._clients):
+            client.close()
+
+    def fail(self, pattern: str = "") -> None:
+        self.failing = pattern
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            self._clients.add(client)
+            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
+
+    def _serve(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.target)
+        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
+        reader = client.makefile("rb")
+        try:
+            while head := _read_head(reader):
+                if self.failing is not None and self.failing in head.split(b"\r\n", 1)[0].decode("latin-1"):
+                    self.num_failed += 1
+                    client.sendall(
+                        b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                    )
+                    break
+                upstream.sendall(head)  # before the body: a client may wait for "100 Continue"
+                _copy_body(reader, upstream, head)
+        except OSError:
+            pass
+        finally:
+            self._clients.discard(client)
+            for s in (client, upstream):
+                s.close()
+
+
+def _read_head(reader) -> bytes:
+    lines = []
+    while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
+        lines.append(line)
+    return b"".join(lines) + b"\r\n" if lines else b""
+
+
+def _copy_body(reader, upstream: socket.socket, head: bytes) -> None:
+    headers = {
+        k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
+    }
+    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while True:
+            size_line = reader.readline()
+            size = int(size_line.split(b";")[0], 16)
+            upstream.sendall(size_line + reader.read(size + 2))
+            if size == 0:
+                return
+    remaining = int(headers.get(b"content-length", b"0"))
+    while remaining:
+        chunk = reader.read(min(remaining, 1 << 16))
+        upstream.sendall(chunk)
+        remaining -= len(chunk)
+
+
+def _pump(source: socket.socket, sink: socket.socket) -> None:
+    try:
+        while data := source.recv(1 << 16):
+            sink.sendall(data)
+    except OSError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def own_mlflow(tmp_path_factory):
+    server = StoppableMLflow(tmp_path_factory.mktemp("own-mlflow"))
+    yield server
+    server.stop()
+
+
+def history(client, run_id, key):
+    return sorted((m.step, m.value, m.timestamp) for m in client.get_metric_history(run_id, key))
+
+
+# -- MLflow stopped mid-run --------------------------------------------------------------------
+
+
+KILLED_WRITER = """
+import os, signal, sys
+from retinaops.tracking import Tracker
+url, root, run_id = sys.argv[1:]
+tracker = Tracker(url, journal_root=root)
+for epoch in range(3):
+    tracker.log_metrics(run_id, {"loss": 1.0 - epoch / 10}, epoch)
+tracker.end_run(run_id)
+print("kept", tracker.pending(run_id), flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_writes_during_an_mlflow_outage_are_kept_on_disk_and_replayed_in_order(own_mlflow, tmp_path):
+    """One outage, two writers: a run's driver and Train controller, which see the server come back,
+    and a process killed while the server was down, whose writes `retinaops replay` sends later."""
+    journal_root = tmp_path / "journal"
+    driver = Tracker(own_mlflow.url, journal_root=journal_root)
+    run_id = driver.start_run(EXPERIMENT, "outage", params={"train.lr": 0.01})
+    killed_run_id = driver.start_run(EXPERIMENT, "killed-writer")
+    controller = MLflowCallback(own_mlflow.url, run_id, journal_root)  # as on the Train controller
+    controller.after_report(None, [{"epoch": 0, "loss": 1.0}], None)
+    own_mlflow.stop()
+    for epoch in (1, 2):  # training goes on: the callback never raises
+        controller.after_report(None, [{"epoch": epoch, "loss": 1.0 / (epoch + 1), "AP": 0.1 * epoch}], None)
+    with tempfile.TemporaryDirectory() as tmp:  # the artifact's folder is gone before the server is back
+        Path(tmp, "eval.json").write_text('{"AP": 0.2}')
+        driver.log_artifact(run_id, Path(tmp, "eval.json"), "checkpoint")
+    driver.set_tags(run_id, {"checkpoint.final": "s3://checkpoints/x"})
+    assert driver.flush(run_id, wait_s=1.0) == 4  # 2 epochs (controller), the artifact and the tag (driver)
+    assert len(list((journal_root / run_id).glob("*.jsonl"))) == 2
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WRITER, own_mlflow.url, str(journal_root), killed_run_id],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert killed.returncode == -signal.SIGKILL and "kept 4" in killed.stdout, killed.stderr[-2000:]
+    restarted_ms = int(time.time() * 1000)
+    own_mlflow.start()
+
+    assert driver.flush(run_id, wait_s=60) == 0
+    driver.end_run(run_id)
+    client = MlflowClient(own_mlflow.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    loss = history(client, run_id, "loss")
+    assert [(step, value) for step, value, _ in loss] == [(0, 1.0), (1, 0.5), (2, 1.0 / 3)]  # no gap
+    assert all(stamp < restarted_ms for _, _, stamp in loss)  # each point kept the time it was logged
+    assert [step for step, _, _ in history(client, run_id, "AP")] == [1, 2]
+    assert run.data.tags["checkpoint.final"] == "s3://checkpoints/x"
+    local = client.download_artifacts(run_id, "checkpoint/eval.json", str(tmp_path))
+    assert json.loads(Path(local).read_text()) == {"AP": 0.2}
+    assert not list((journal_root / run_id).glob("*.jsonl"))  # nothing left behind
+
+    command = ["replay", str(journal_root / killed_run_id)]  # to the server the run used, as recorded
+    replay = subprocess.run(
+        [sys.executable, "-m", "retinaops.cli", *command],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
+    assert replay.returncode == 0, replay.stderr[-2000:]
+    assert replay.stdout.splitlines()[-1].startswith(f"sent 4 kept writes to {own_mlflow.url}; 0 still kept")
+    assert client.get_run(killed_run_id).info.status == "FINISHED"
+    assert [(s, round(v, 6)) for s, v, _ in history(client, killed_run_id, "loss")] == [
+        (0, 1.0),
+        (1, 0.9),
+        (2, 0.8),
+    ]
+
+
+# -- S3 refusing or failing --------------------------------------------------------------------
+
+
+@pytest.fixture
+def flaky_s3(s3_server, monkeypatch):
+    for key, value in s3_server.env.items():
+        monkeypatch.setenv(key, value)
+    direct = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
+    if "reliability" not in [b["Name"] for b in direct.list_buckets()["Buckets"]]:
+        direct.create_bucket(Bucket="reliability")
+    endpoint = FlakyEndpoint(s3_server.url)
+    yield endpoint, direct
+    endpoint.refuse()
+
+
+def local_checkpoint(directory: Path) -> Path:
+    directory.mkdir()
+    (directory / "state.pt").write_bytes(os.urandom(300_000))
+    (directory / "model.pt").write_bytes(os.urandom(100_000))
+    write_manifest(directory)
+    return directory
+
+
+def download(direct, prefix: str, dest: Path) -> Path:
+    dest.mkdir()
+    for obj in direct.list_objects_v2(Bucket="reliability", Prefix=prefix).get("Contents", []):
+        if not obj["Key"].endswith("/"):
+            direct.download_file("reliability", obj["Key"], str(dest / obj["Key"].rsplit("/", 1)[1]))
+    return dest
+
+
+@pytest.mark.parametrize("fault", ["refused", "503"])
+def test_a_checkpoint_upload_rides_out_an_s3_outage_and_is_then_complete(flaky_s3, tmp_path, fault, caplog):
+    endpoint, direct = flaky_s3
+    ckpt = local_checkpoint(tmp_path / "ckpt")
+    if fault == "refused":
+        endpoint.refuse()
+    else:
+        endpoint.fail()
+    errors = []
+    upload = threading.Thread(
+        target=lambda: errors.extend(_publish(ckpt, endpoint.url, f"reliability/{fault}/checkpoint_000000"))
+    )
+    upload.start()
+    time.sleep(5.0)  # longer than the S3 client's own 3 quick attempts (~3 s at most): ours must retry
+    endpoint.heal()
+    upload.join(timeout=120)
+    assert not errors and not upload.is_alive()
+    assert "retry 1/" in caplog.text
+    assert fault == "refused" or endpoint.num_failed > 0
+    verify_checkpoint(download(direct, f"{fault}/checkpoint_000000/", tmp_path / "back"))
+
+
+def _publish(ckpt: Path, endpoint: str, dest: str, attempts: int = 8) -> list[Exception]:
+    try:
+        publish_checkpoint(ckpt, s3_filesystem(endpoint), dest, attempts=attempts, first_delay=0.2)
+    except Exception as exc:
+        return [exc]
+    return []
+
+
+def test_a_checkpoint_whose_upload_keeps_failing_is_never_visible(flaky_s3, tmp_path):
+    endpoint, direct = flaky_s3
+    ckpt = local_checkpoint(tmp_path / "ckpt")
+    endpoint.fail("state.pt")  # the store takes every other object
+    (error,) = _publish(ckpt, endpoint.url, "reliability/half/checkpoint_000000", attempts=3)
+    assert isinstance(error, OSError) and "state.pt: failed 3 times" in str(error)
+    keys = [o["Key"] for o in direct.list_objects_v2(Bucket="reliability", Prefix="half/")["Contents"]]
+    assert "half/checkpoint_000000/model.pt" in keys and "half/checkpoint_000000/manifest.json" not in keys
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        verify_checkpoint(download(direct, "half/checkpoint_000000/", tmp_path / "back"))
+
+
+# -- one Ray run through both outages, with fake secrets in its environment -------------------------
+
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": "AKIARELIABILITY7Q3Z",
+    "AWS_SECRET_ACCESS_KEY": "reliability-aws-secret-5f1e9c",
+    "MLFLOW_TRACKING_USERNAME": "reliability-user",
+    "MLFLOW_TRACKING_PASSWORD": "reliability-mlflow-password-83d2",
+    "MLFLOW_TRACKING_TOKEN": "reliability-mlflow-token-0b7a",
+}
+
+
+def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"retinaops exited before {what}: {proc.stderr.read()[-4000:]}")
+        if found := condition():
+            return found
+        time.sleep(0.5)
+    raise TimeoutError(what)
+
+
+@pytest.fixture(scope="module")
+def outage_run(own_mlflow, s3_server, ray_head, shapes, tmp_path_factory):
+    """`retinaops train` on the session's cluster; after epoch 0 MLflow is stopped and S3 answers 503; S3
+    heals once the next checkpoint upload has failed for longer than the S3 client's own retries, MLflow
+    starts again after that. Returns (outcome, stdout + stderr, client, run_id, home, bucket client)."""
+    tmp = tmp_path_factory.mktemp("outage")
+    direct = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1", **_keys(s3_server))
+    direct.create_bucket(Bucket="reliability-run")
+    endpoint = FlakyEndpoint(s3_server.url)
+    spec = {
+        "name": "outage",
+        "data": {"root": str(shapes), "loader_workers": 0},
+        "model": {"backbone": "resnet18", "min_size": 128, "max_size": 160, "fpn_channels": 32},
+        "train": {
+            "epochs": 3,
+            "batch_size": 2,
+            "optimizer": "adamw",
+            "lr": 0.004,
+            "warmup_iters": 2,
+            "schedule": "cosine",
+            "latency_iters": 2,
+            "max_steps_per_epoch": 2,
+            "eval_max_images": 4,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
+        "tracking": {"experiment": EXPERIMENT, "run_name": "ray-outage", "tracking_uri": own_mlflow.url},
+        "storage": {"path": "s3://reliability-run/runs", "endpoint": endpoint.url},
+    }
+    (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
+    env = {
+        **os.environ,
+        **ray_head.env,
+        **SECRETS,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "RETINAOPS_HOME": str(tmp / "home"),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retinaops.cli", "train", str(tmp / "spec.yaml"), "--json"],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(own_mlflow.url)
+    exp_id = wait_for(
+        lambda: getattr(client.get_experiment_by_name(EXPERIMENT), "experiment_id", None),
+        "the experiment",
+        proc,
+    )
+    run = wait_for(
+        lambda: client.search_runs([exp_id], "attributes.run_name = 'ray-outage'"), "the run", proc
+    )[0]
+    wait_for(lambda: client.get_metric_history(run.info.run_id, "loss"), "epoch 0's metrics", proc)
+    own_mlflow.stop()
+    endpoint.fail()
+    wait_for(lambda: endpoint.num_failed, "the next checkpoint upload", proc)
+    time.sleep(6.0)  # past the S3 client's own quick retries: the platform's backoff takes over
+    endpoint.heal()
+    own_mlflow.start()
+    out, err = proc.communicate(timeout=600)
+    endpoint.refuse()
+    assert proc.returncode == 0, err[-6000:]
+    outcome = outcome_of(out)
+    return outcome, out + err, client, run.info.run_id, tmp / "home", direct
+
+
+def _keys(s3_server) -> dict[str, str]:
+    return {
+        "aws_access_key_id": s3_server.env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": s3_server.env["AWS_SECRET_ACCESS_KEY"],
+    }
+
+
+def test_a_run_through_an_mlflow_and_s3_outage_finishes_with_its_whole_history(outage_run):
+    outcome, logs, client, run_id, home, direct = outage_run
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and outcome["mlflow_journal"] is None
+    for key in ("loss", "AP", "skipped_steps", "latency_ms"):
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
+    assert "failure.1" not in run.data.tags  # no worker failed: the upload waited the outage out
+    assert "retry 1/" in logs and "is unreachable" in logs  # the storage backoff and the journal
+    assert not list((home / "mlflow-journal" / run_id).glob("*.jsonl"))
+    assert {"spec.yaml", "checkpoint"} <= {a.path for a in client.list_artifacts(run_id)}
+    keys = [o["Key"] for o in direct.list_objects_v2(Bucket="reliability-run")["Contents"]]
+    folders = {k.rsplit("/", 1)[0] for k in keys if k.rsplit("/", 2)[-2].startswith("checkpoint_")}
+    assert folders and all(f"{folder}/manifest.json" in keys for folder in folders)  # none half-visible
+
+
+def test_no_secret_reaches_mlflow_the_logs_or_the_stored_run(outage_run, own_mlflow, stack, tmp_path):
+    """The fake AWS keys and MLflow credentials of the run's environment and the cluster's token appear in
+    no MLflow param, tag, metric or artifact (the resolved spec included), no log and no stored object."""
+    outcome, logs, client, run_id, home, direct = outage_run
+    secrets = {**SECRETS, "RAY_AUTH_TOKEN": (stack.home / "auth_token").read_text().strip()}
+    run = client.get_run(run_id)
+    texts = {
+        "retinaops output": logs,
+        "params": json.dumps(run.data.params),
+        "tags": json.dumps(run.data.tags),
+        "metrics": json.dumps(sorted(run.data.metrics)),
+    }
+    artifacts = Path(client.download_artifacts(run_id, "", str(tmp_path)))
+    files = [own_mlflow.service.log, *(s.log for s in stack.services.values())]  # the services' own logs
+    for folder in [artifacts, home, *(s.temp_dir for s in stack.services.values() if s.temp_dir)]:
+        files += [p for p in Path(folder).rglob("*") if p.is_file()]  # Ray's temp dirs: its session logs
+    for path in files:
+        texts[str(path)] = path.read_bytes().decode("latin-1")
+    for obj in direct.list_objects_v2(Bucket="reliability-run")["Contents"]:
+        body = direct.get_object(Bucket="reliability-run", Key=obj["Key"])["Body"].read()
+        texts[f"s3 {obj['Key']}"] = body.decode("latin-1")
+    assert "spec.yaml" in " ".join(texts) and len(texts) > 20
+    leaks = [
+        (name, where) for where, text in texts.items() for name, value in secrets.items() if value in text
+    ]
+    assert not leaks

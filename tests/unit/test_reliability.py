@@ -1,0 +1,378 @@
+"""Guards against faults, checked without services: the MLflow journal, non-finite losses, AMP, checkpoints, storage.
+
+The faults here are real where they can be without a server: NaN images through the real model,
+a torn journal line as a crash leaves it, a file in the way of a checkpoint upload, a truncated file.
+"""
+
+import json
+import time
+
+import pyarrow.fs as pafs
+import pytest
+import requests
+import torch
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import (
+    INVALID_PARAMETER_VALUE,
+    REQUEST_LIMIT_EXCEEDED,
+    RESOURCE_DOES_NOT_EXIST,
+    TEMPORARILY_UNAVAILABLE,
+)
+
+from retinanet import RetinaNet, RetinaNetConfig
+from retinaops.journal import Backoff, Journal
+from retinaops.spec import JobSpec, SpecError
+from retinaops.storage import publish_checkpoint, verify_checkpoint, with_storage_retries, write_manifest
+from retinaops.tracking import unreachable
+from retinaops.train import NonFiniteGuard, NonFiniteLossError
+from retinaops.trainer import check_cluster_resources
+
+TINY = RetinaNetConfig(backbone="resnet18", num_classes=2, min_size=64, max_size=64, fpn_channels=16)
+
+
+# -- the MLflow journal -------------------------------------------------------------------------
+
+
+def test_journal_keeps_each_write_on_disk_in_order_with_a_copy_of_its_files(tmp_path):
+    artifact = tmp_path / "eval.json"
+    artifact.write_text('{"AP": 0.5}')
+    journal = Journal(tmp_path / "journal" / "run1", "controller")
+    journal.append("metrics", {"metrics": {"loss": 1.0}, "step": 0, "timestamp": 1}, tracking_uri="http://x")
+    journal.append(
+        "artifact", {"path": str(artifact), "artifact_path": None}, tracking_uri="http://x", files=("path",)
+    )
+    artifact.unlink()  # the original goes away (a temporary folder): the journal has its own copy
+    reread = Journal(tmp_path / "journal" / "run1", "driver")  # another process reading the folder
+    ops = [(e.op, e.writer, e.run_id) for e in reread.entries()]
+    assert ops == [("metrics", "controller", "run1"), ("artifact", "controller", "run1")]
+    assert reread.path_of(reread.entries()[1].args["path"]).read_text() == '{"AP": 0.5}'
+    assert json.loads((tmp_path / "journal" / "run1" / "meta.json").read_text())["run_id"] == "run1"
+
+
+def test_entries_of_several_writers_replay_oldest_first(tmp_path):
+    driver, controller = Journal(tmp_path, "driver"), Journal(tmp_path, "controller")
+    driver.append("params", {"params": {"a": "1"}}, tracking_uri="u")
+    controller.append("metrics", {"metrics": {"loss": 1.0}, "step": 0, "timestamp": 1}, tracking_uri="u")
+    driver.append("end", {"status": "FINISHED", "end_time": 2}, tracking_uri="u")
+    assert [e.op for e in driver.entries()] == ["params", "metrics", "end"]
+
+
+def test_a_line_torn_by_a_crash_is_skipped_and_the_rest_kept(tmp_path, caplog):
+    journal = Journal(tmp_path, "driver")
+    journal.append("tags", {"tags": {"a": "1"}}, tracking_uri="u")
+    with open(tmp_path / "driver.jsonl", "a") as f:
+        f.write('{"id": "abc", "time_ns": 12')  # the process died in the middle of this write
+    assert [e.op for e in journal.entries()] == ["tags"]
+    assert "skipping an unreadable journal line" in caplog.text
+    assert journal.deliver(lambda e: None, unreachable) == (1, 0)
+    assert journal.pending() == 0 and not (tmp_path / "driver.jsonl").exists()
+
+
+def test_deliver_stops_at_the_first_failure_worth_retrying_and_keeps_the_rest(tmp_path):
+    journal = Journal(tmp_path, "driver")
+    for step in range(3):
+        journal.append(
+            "metrics", {"metrics": {"loss": 1.0}, "step": step, "timestamp": step}, tracking_uri="u"
+        )
+    sent = []
+
+    def send(entry):
+        if entry.args["step"] == 1:
+            raise requests.ConnectionError("connection refused")
+        sent.append(entry.args["step"])
+
+    assert journal.deliver(send, unreachable) == (1, 2)
+    assert sent == [0] and [e.args["step"] for e in journal.entries()] == [1, 2]
+    assert journal.deliver(lambda e: sent.append(e.args["step"]), unreachable) == (2, 0)
+    assert sent == [0, 1, 2]
+
+
+def test_a_write_the_server_refuses_is_set_aside_so_the_rest_go_through(tmp_path):
+    journal = Journal(tmp_path, "driver")
+    journal.append("params", {"params": {"lr": "0.1"}}, tracking_uri="u")
+    journal.append("end", {"status": "FINISHED", "end_time": 1}, tracking_uri="u")
+
+    def send(entry):
+        if entry.op == "params":
+            raise MlflowException("Changing param values is not allowed", error_code=INVALID_PARAMETER_VALUE)
+
+    assert journal.deliver(send, unreachable) == (2, 0)
+    (rejected,) = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert rejected["op"] == "params" and "Changing param values" in rejected["reason"]
+
+
+@pytest.mark.parametrize(
+    "exc,retry",
+    [
+        (MlflowException("API request failed: connection refused"), True),  # INTERNAL_ERROR: 500
+        (MlflowException("busy", error_code=TEMPORARILY_UNAVAILABLE), True),
+        (MlflowException("slow down", error_code=REQUEST_LIMIT_EXCEEDED), True),
+        (MlflowException("no such run", error_code=RESOURCE_DOES_NOT_EXIST), False),
+        (requests.ConnectionError("refused"), True),
+        (ConnectionRefusedError(111, "refused"), True),
+        (ValueError("a bug of ours"), False),
+    ],
+)
+def test_unreachable_tells_a_server_that_failed_from_one_that_refused(exc, retry):
+    assert unreachable(exc) is retry
+
+
+def test_backoff_doubles_up_to_its_cap_and_resets_on_success():
+    backoff = Backoff(first_s=1.0, max_s=4.0)
+    assert backoff.ready()
+    delays = []
+    for _ in range(4):
+        backoff.failed()
+        delays.append(round(backoff.next_at - time.monotonic()))
+    assert delays == [1, 2, 4, 4] and not backoff.ready()
+    backoff.succeeded()
+    assert backoff.ready() and backoff.delay_s == 1.0
+
+
+# -- non-finite losses and mixed precision -------------------------------------------------------
+
+
+def _batch(nan: bool):
+    image = torch.rand(3, 64, 64)
+    if nan:
+        image[0, 10, 10] = float("nan")  # one poisoned pixel is enough to poison the loss
+    return [image], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}]
+
+
+def test_a_poisoned_image_gives_a_nan_loss_that_is_skipped_and_counted():
+    model = RetinaNet(TINY).train()
+    losses = {nan: model(*_batch(nan)) for nan in (False, True)}
+    loss = {nan: value["classification"] + value["bbox_regression"] for nan, value in losses.items()}
+    assert loss[True].isnan() and loss[False].isfinite()
+    guard = NonFiniteGuard(max_in_a_row=3)
+    skipped = [
+        guard.skip(loss[nan], epoch=0, step=i) for i, nan in enumerate([False, True, True, False, True])
+    ]
+    assert skipped == [False, True, True, False, True]
+    assert guard.skipped == 3 and guard.in_a_row == 1  # a finite loss resets the run of bad ones
+
+
+def test_too_many_non_finite_losses_in_a_row_abort_naming_epoch_step_and_the_setting():
+    guard = NonFiniteGuard(max_in_a_row=2)
+    assert guard.skip(torch.tensor(float("inf")), epoch=3, step=41)
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"epoch 4 step 41: 2 non-finite losses in a row \(train.max_nonfinite_steps=2\)",
+    ):
+        guard.skip(torch.tensor(float("nan")), epoch=4, step=41)  # the count runs across epochs
+
+
+def test_focal_loss_under_cpu_bf16_autocast_is_float32_and_equals_the_fp32_loss_of_the_same_logits():
+    torch.manual_seed(0)
+    model = RetinaNet(TINY).train()
+    images, targets = _batch(nan=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cls_logits = model.head.cls_logits(torch.randn(1, 16, 8, 8))  # a bf16 conv under autocast
+        assert cls_logits.dtype == torch.bfloat16
+        losses = model(images, targets)
+    assert losses["classification"].dtype == torch.float32
+    assert losses["bbox_regression"].dtype == torch.float32
+    from retinanet.loss import focal_loss_per_image
+
+    logits = cls_logits.permute(0, 2, 3, 1).reshape(1, -1, 2)  # (N, A, C) bf16
+    labels = torch.randint(-1, 2, (1, logits.shape[1]))
+    valid = torch.ones(1, logits.shape[1], dtype=torch.bool)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_amp = focal_loss_per_image(logits, labels, valid, 0.25, 2.0)
+    in_fp32 = focal_loss_per_image(logits.float(), labels, valid, 0.25, 2.0)
+    assert under_amp.dtype == torch.float32
+    torch.testing.assert_close(under_amp, in_fp32)
+
+
+def test_model_losses_under_bf16_autocast_stay_close_to_fp32():
+    torch.manual_seed(0)
+    model = RetinaNet(TINY).train()
+    images, targets = _batch(nan=False)
+    fp32 = model(images, targets)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = model(images, targets)
+    for key in ("classification", "bbox_regression"):
+        assert torch.isfinite(bf16[key])
+        torch.testing.assert_close(bf16[key], fp32[key], rtol=0.05, atol=1e-3)
+
+
+# -- checkpoints and storage --------------------------------------------------------------------
+
+
+def _checkpoint(directory):
+    directory.mkdir()
+    (directory / "state.pt").write_bytes(b"x" * 1000)
+    (directory / "model.pt").write_bytes(b"y" * 500)
+    write_manifest(directory)
+    return directory
+
+
+def test_a_complete_checkpoint_verifies(tmp_path):
+    verify_checkpoint(_checkpoint(tmp_path / "ckpt"))
+
+
+def test_a_checkpoint_without_its_manifest_is_incomplete(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    (ckpt / "manifest.json").unlink()
+    with pytest.raises(ValueError, match=r"ckpt: incomplete checkpoint \(no manifest.json\)"):
+        verify_checkpoint(ckpt)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete"])
+def test_a_truncated_changed_or_missing_checkpoint_file_is_named(tmp_path, damage):
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    if damage == "truncate":
+        (ckpt / "state.pt").write_bytes(b"x" * 999)
+    elif damage == "flip":
+        (ckpt / "state.pt").write_bytes(b"x" * 999 + b"z")
+    else:
+        (ckpt / "state.pt").unlink()
+    with pytest.raises(
+        ValueError, match=r"ckpt: incomplete or corrupt checkpoint: state.pt missing or changed"
+    ):
+        verify_checkpoint(ckpt)
+
+
+def test_a_foreign_manifest_is_refused_saying_what_was_expected(tmp_path):
+    ckpt = _checkpoint(tmp_path / "ckpt")
+    (ckpt / "manifest.json").write_text('["not", "a", "manifest"]')
+    with pytest.raises(ValueError, match=r"manifest.json: unreadable manifest .*expected \{\"<file>\""):
+        verify_checkpoint(ckpt)
+
+
+def test_storage_retries_back_off_then_succeed():
+    calls = []
+
+    def flaky():
+        calls.append(time.monotonic())
+        if len(calls) < 3:
+            raise OSError("AWS Error NETWORK_CONNECTION: Could not connect to server")
+        return "done"
+
+    assert with_storage_retries(flaky, "upload x", attempts=4, first_delay=0.05) == "done"
+    gaps = [b - a for a, b in zip(calls, calls[1:], strict=False)]
+    assert len(calls) == 3 and gaps[1] > gaps[0] >= 0.05
+
+
+def test_storage_gives_up_after_the_last_attempt_naming_what_failed():
+    def down():
+        raise OSError("Could not connect to server")
+
+    with pytest.raises(
+        OSError, match="upload bucket/ckpt/state.pt: failed 2 times, the last with: Could not connect"
+    ):
+        with_storage_retries(down, "upload bucket/ckpt/state.pt", attempts=2, first_delay=0.01)
+
+
+def test_a_missing_file_is_an_answer_not_a_failure_to_retry():
+    calls = []
+
+    def missing():
+        calls.append(1)
+        raise FileNotFoundError("bucket/nothing")
+
+    with pytest.raises(FileNotFoundError):
+        with_storage_retries(missing, "download", attempts=5, first_delay=0.01)
+    assert calls == [1]
+
+
+def test_publish_writes_every_file_then_the_manifest(tmp_path):
+    ckpt = _checkpoint(tmp_path / "local")
+    publish_checkpoint(ckpt, pafs.LocalFileSystem(), str(tmp_path / "store" / "checkpoint_0"))
+    verify_checkpoint(tmp_path / "store" / "checkpoint_0")
+
+
+def test_a_publish_that_fails_midway_leaves_no_manifest_so_resume_refuses_it(tmp_path):
+    ckpt = _checkpoint(tmp_path / "local")
+    dest = tmp_path / "store" / "checkpoint_0"
+    (dest / "state.pt").mkdir(parents=True)  # a folder where a file must go: every write of it fails
+    with pytest.raises(OSError, match="state.pt: failed 2 times"):
+        publish_checkpoint(ckpt, pafs.LocalFileSystem(), str(dest), attempts=2, first_delay=0.01)
+    assert (dest / "model.pt").is_file() and not (dest / "manifest.json").exists()
+    with pytest.raises(ValueError, match="incomplete checkpoint"):
+        verify_checkpoint(dest)
+
+
+# -- specs against the cluster --------------------------------------------------------------------
+
+
+def _spec(**scaling):
+    return JobSpec.from_dict({"data": {"root": "data"}, "scaling": scaling}, "job.yaml")
+
+
+def test_more_gpu_workers_than_the_cluster_has_gpus_is_refused():
+    spec = _spec(num_workers=4, use_gpu=True)
+    with pytest.raises(
+        SpecError,
+        match=r"job.yaml: scaling.num_workers: 4 workers x 1 GPU \(scaling.gpus_per_worker\) need 4 GPUs, expected at most the 2 of the Ray cluster at ray:6379",
+    ):
+        check_cluster_resources(spec, {"CPU": 64.0, "GPU": 2.0}, "ray:6379")
+
+
+def test_more_cpus_than_the_cluster_has_is_refused_and_enough_passes():
+    spec = _spec(num_workers=3, cpus_per_worker=2.0)
+    with pytest.raises(SpecError, match=r"need 6 CPUs, expected at most the 4 of"):
+        check_cluster_resources(spec, {"CPU": 4.0}, "(embedded)")
+    check_cluster_resources(spec, {"CPU": 6.0}, "(embedded)")
+
+
+def test_a_cluster_that_may_autoscale_gets_a_warning_not_a_refusal(caplog):
+    spec = _spec(num_workers=2, use_gpu=True)
+    check_cluster_resources(spec, {"CPU": 4.0}, "ray://head:10001", fixed=False)
+    assert "need 2 GPUs, expected at most the 0 of the Ray cluster at ray://head:10001" in caplog.text
+    assert "waiting for the cluster to scale up" in caplog.text
+
+
+# -- what the user is told -----------------------------------------------------------------------
+
+
+def test_a_run_whose_mlflow_writes_are_still_kept_says_where_and_how_to_send_them(capsys, tmp_path):
+    from retinaops.cli_train import _print_outcome
+    from retinaops.trainer import TrainingOutcome
+
+    journal = str(tmp_path / "mlflow-journal" / "abc123")
+    outcome = TrainingOutcome(
+        "abc123", "exp", "http://mlflow:5000", "b/ckpt", {"AP": 0.5}, None, 12.0, journal
+    )
+    _print_outcome(outcome, as_json=True)
+    out, err = capsys.readouterr()
+    assert json.loads(out)["mlflow_journal"] == journal
+    assert f"kept in {journal}: send them with `retinaops replay {journal}`" in err
+
+
+def test_replaying_a_folder_that_is_no_journal_is_a_clear_error(tmp_path):
+    from retinaops.tracking import replay
+
+    with pytest.raises(
+        ValueError,
+        match=r"nothing-here: not a journal folder \(expected .*mlflow-journal/<run_id>/meta.json\)",
+    ):
+        replay(tmp_path / "nothing-here")
+
+
+def test_replay_asks_for_a_tracking_uri_whose_credentials_were_never_written_down(tmp_path):
+    from retinaops.tracking import Tracker, replay
+
+    tracker = Tracker("http://alice:s3cretpw@127.0.0.1:1", journal_root=tmp_path)
+    tracker.journal("run9").append("end", {"status": "FINISHED", "end_time": 1}, tracking_uri=tracker._uri())
+    assert "s3cretpw" not in (tmp_path / "run9" / "meta.json").read_text()
+    with pytest.raises(
+        ValueError, match=r"run9: the run's tracking URI had credentials, never written down: pass it"
+    ):
+        replay(tmp_path / "run9")
+
+
+def test_a_run_ending_with_writes_still_kept_warns_where_they_are_without_the_uri_password(tmp_path, caplog):
+    from retinaops.tracking import Tracker
+    from retinaops.trainer import where_kept
+
+    tracker = Tracker("http://alice:s3cretpw@127.0.0.1:1", journal_root=tmp_path)
+    assert where_kept(tracker, "run9") is None
+    Journal(tmp_path / "run9", "controller").append(
+        "end", {"status": "FINISHED", "end_time": 1}, tracking_uri="u"
+    )
+    assert where_kept(tracker, "run9") == str(tmp_path / "run9")
+    assert (
+        f"1 writes of run run9 (metrics, artifacts, its end) are kept in {tmp_path / 'run9'}" in caplog.text
+    )
+    assert f"`retinaops replay {tmp_path / 'run9'}`" in caplog.text and "s3cretpw" not in caplog.text
