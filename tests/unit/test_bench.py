@@ -140,3 +140,25 @@ def test_report_judges_each_target_and_explains_the_floors():
     assert "takes 25 ms of our 60 ms" in report and "at most 12.0x" in report
     assert "are 90% of torchvision's step and 95% of ours" in report and "at most 1.11x" in report
     assert "GPU figures" in report
+
+
+def test_ap_latency_parity_pair_starts_from_the_same_weights_and_losses():
+    import argparse
+
+    import torch
+
+    from benchmarks.ap_latency import ZeroBasedLabels, build, runs_for
+
+    runs = runs_for(argparse.Namespace(sizes=(64, 96), steps=3, parity_steps=5, sweep_steps=2))
+    assert [r.group for r in runs].count("sweep") == 8 and {r.fpn_channels for r in runs[:3]} == {64}
+    tv_run, ours_run = runs[0], runs[1]
+    tv, ours = build(tv_run, num_classes=2), build(ours_run, num_classes=2)
+    images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
+    targets = [{"boxes": torch.tensor([[8.0, 10, 40, 50]]), "labels": torch.tensor([1])}]
+    expected, got = tv(images, targets), ours(images, targets)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=0)
+    frcnn = build(runs[3], num_classes=2)
+    assert (
+        isinstance(frcnn, ZeroBasedLabels) and frcnn.model.roi_heads.box_predictor.cls_score.out_features == 3
+    )
