@@ -13,11 +13,12 @@ from torch import Tensor
 BACKGROUND = -1
 IGNORE = -2
 # On the CPU the (N, G, A) IoU is computed in blocks of anchors of about this many (N, G, S)
-# elements (1 MiB of float32), so that its ~10 temporaries stay in cache and are not page-faulted
-# in afresh for every elementwise op; each block is a handful of whole-batch ops, and the number of
-# blocks is bounded by _MAX_BLOCKS. A GPU takes everything in one block.
-_BLOCK = 1 << 18
-_MAX_BLOCKS = 64
+# elements (2 MiB of float32), so that its ~10 temporaries stay in cache and are not page-faulted
+# in afresh for every elementwise op; each block is ~12 whole-batch ops, each one fork-join of the
+# intra-op threads (on a busy machine, a scheduler time slice), so blocks are at most _MAX_BLOCKS.
+# A GPU takes everything in one block.
+_BLOCK = 1 << 19
+_MAX_BLOCKS = 32
 
 
 def _on_cpu(t: Tensor) -> bool:
