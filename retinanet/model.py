@@ -180,14 +180,26 @@ class RetinaNet(nn.Module):
             matches = self.matcher(gt_boxes, gt_valid, gt_crowd, anchors)  # (N, A)
             return self.loss(cls_logits, bbox_regression, anchors, matches, gt_boxes, gt_labels)
 
+        return self.decode(cls_logits, bbox_regression, anchors, feature_hw, sizes, original_sizes)
+
+    def decode(
+        self,
+        cls_logits: Tensor,
+        bbox_regression: Tensor,
+        anchors: Tensor,
+        feature_hw: list[tuple[int, int]],
+        sizes: list[tuple[int, int]],
+        original_sizes: list[tuple[int, int]],
+    ) -> list[dict[str, Tensor]]:
+        """Detections in each image's original pixels from head outputs (N, A, C), (N, A, 4) and
+        anchors (A, 4): the eval half of `forward`, also for outputs computed elsewhere (ONNX)."""
         cfg = self.config
-        image_hw = torch.tensor(sizes, device=batch.device)  # (N, 2)
         detections = postprocess(
             cls_logits,
             bbox_regression,
             anchors,
             self.anchor_generator.num_anchors_per_level(feature_hw),
-            image_hw,
+            torch.tensor(sizes, device=cls_logits.device),  # (N, 2)
             score_thresh=cfg.score_thresh,
             topk_candidates=cfg.topk_candidates,
             nms_thresh=cfg.nms_thresh,

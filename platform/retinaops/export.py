@@ -32,8 +32,6 @@ import torch
 from torch import Tensor, nn
 
 from retinanet import RetinaNet
-from retinanet.data.transforms import scale_boxes
-from retinanet.postprocess import postprocess
 
 if TYPE_CHECKING:
     from retinaops.tracking import Tracker
@@ -140,7 +138,6 @@ def onnx_detections(ort_session, model: RetinaNet, images: list[Tensor]) -> list
     images: list of (3, H, W) floats in [0, 1]; returns per image {"boxes": (K, 4) xyxy in its original
     pixels, "scores": (K,), "labels": (K,)}. The model gives the config, the preprocessing and the anchors.
     """
-    cfg = model.config
     original_sizes = [(img.shape[-2], img.shape[-1]) for img in images]
     batch, sizes, _ = model.preprocess(images)  # (N, 3, H, W)
     cls_logits, bbox_regression = (
@@ -150,21 +147,7 @@ def onnx_detections(ort_session, model: RetinaNet, images: list[Tensor]) -> list
     # Every stride-2 layer rounds up, so level l (P3..P7) is ceil(size / 2^l).
     feature_hw = [(math.ceil(height / 2**level), math.ceil(width / 2**level)) for level in range(3, 8)]
     anchors = model.anchor_generator((height, width), feature_hw, batch)  # (A, 4)
-    detections = postprocess(
-        cls_logits,
-        bbox_regression,
-        anchors,
-        model.anchor_generator.num_anchors_per_level(feature_hw),
-        torch.tensor(sizes),  # (N, 2)
-        score_thresh=cfg.score_thresh,
-        topk_candidates=cfg.topk_candidates,
-        nms_thresh=cfg.nms_thresh,
-        detections_per_img=cfg.detections_per_img,
-        box_weights=cfg.box_weights,
-    )
-    for det, size, original in zip(detections, sizes, original_sizes, strict=True):
-        det["boxes"] = scale_boxes(det["boxes"], size, original)
-    return detections
+    return model.decode(cls_logits, bbox_regression, anchors, feature_hw, sizes, original_sizes)
 
 
 def log_export(tracker: Tracker, version, path: Path, tags: dict[str, Any]) -> str:
