@@ -70,6 +70,20 @@ def s3_server(stack):
 
 
 @pytest.fixture(scope="session")
+def s3_client(s3_server):
+    """A boto3 client of the stack's S3 endpoint, with its credentials: to look at what runs stored."""
+    import boto3
+
+    return boto3.client(
+        "s3",
+        endpoint_url=s3_server.url,
+        aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
+        region_name="us-east-1",
+    )
+
+
+@pytest.fixture(scope="session")
 def ray_head(stack):
     """The head of the two-node cluster; env: RAY_ADDRESS, RAY_API_SERVER_ADDRESS and the token settings."""
     return stack.services["ray-head"]

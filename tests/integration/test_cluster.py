@@ -125,23 +125,15 @@ def test_mlflow_holds_the_parent_and_a_child_run_per_trial_with_ap_and_latency(s
         assert child.data.params["scaling.num_workers"] == "2"
 
 
-def test_checkpoints_are_on_the_s3_endpoint(sweep, mlflow_server, s3_server):
-    import boto3
+def test_checkpoints_are_on_the_s3_endpoint(sweep, mlflow_server, s3_client):
     from mlflow import MlflowClient
 
     client = MlflowClient(mlflow_server.url)
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.url,
-        aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
     for row in sweep["trials"]:
         checkpoint = client.get_run(row["run_id"]).data.tags["checkpoint"]  # bucket/prefix/.../checkpoint_*
         bucket, _, prefix = checkpoint.partition("/")
         assert bucket == "retinaops"  # RETINAOPS_STORAGE of the stack: s3://retinaops/storage
-        keys = {o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
+        keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)["Contents"]}
         assert f"{prefix}/model.pt" in keys and f"{prefix}/manifest.json" in keys
 
 

@@ -102,9 +102,8 @@ def wait_for_metric_step(client, run_id, key, step, proc, timeout=300):
 
 
 def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
-    tmp_path, platform_env, shapes, mlflow_server, s3_server, stack
+    tmp_path, platform_env, shapes, mlflow_server, s3_client, stack
 ):
-    import boto3
     from mlflow import MlflowClient
     from pycocotools.coco import COCO
     from pycocotools.cocoeval import COCOeval
@@ -135,14 +134,7 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
     assert max(resumed) >= 1  # resumed from the epoch-0 checkpoint, not from scratch
 
     # Checkpoints are on the S3 endpoint, each complete.
-    s3 = boto3.client(
-        "s3",
-        endpoint_url=s3_server.url,
-        aws_access_key_id=s3_server.env["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=s3_server.env["AWS_SECRET_ACCESS_KEY"],
-        region_name="us-east-1",
-    )
-    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="checkpoints", Prefix="it-train/")["Contents"]]
+    keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="checkpoints", Prefix="it-train/")["Contents"]]
     files = [k for k in keys if not k.endswith("/")]  # deleted checkpoints may leave a folder marker
     checkpoint_dirs = {k.rsplit("/", 1)[0] for k in files if k.split("/")[-2].startswith("checkpoint_")}
     assert checkpoint_dirs
