@@ -12,13 +12,14 @@ import hashlib
 import json
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import pyarrow.fs as pafs
+
+from retinaops.retry import retry
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -156,19 +157,19 @@ def with_storage_retries(
     pyarrow raises OSError for every S3 or network failure; a FileNotFoundError is an answer, not a
     failure, and is raised at once. After the last attempt the OSError names what failed and how often.
     """
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except FileNotFoundError:
-            raise
-        except OSError as exc:
-            if attempt == attempts:
-                raise OSError(f"{what}: failed {attempts} times, the last with: {exc}") from exc
-            logger.warning("%s failed (%s); retry %d/%d in %.1f s", what, exc, attempt, attempts - 1, delay)
-            time.sleep(delay)
-            delay = min(2 * delay, max_delay)
-    raise AssertionError("unreachable")
+    try:
+        return retry(
+            action,
+            what,
+            attempts=attempts,
+            first_delay=first_delay,
+            max_delay=max_delay,
+            retryable=lambda exc: isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError),
+        )
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise OSError(f"{what}: failed {attempts} times, the last with: {exc}") from exc
 
 
 def publish_checkpoint(

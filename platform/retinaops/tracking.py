@@ -25,6 +25,7 @@ from mlflow.entities import Metric, Param, RunTag
 from ray.train import UserCallback
 
 from retinaops.journal import Backoff, Journal, default_journal_root
+from retinaops.retry import retry
 from retinaops.serving import RetinaNetPredict, pip_requirements
 
 logger = logging.getLogger(__name__)
@@ -41,17 +42,7 @@ DIRECT_ATTEMPTS = 3
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5) -> T:
     """Run an MLflow call, retrying with exponential backoff when the server is unreachable."""
-    delay = first_delay
-    for attempt in range(1, attempts + 1):
-        try:
-            return action()
-        except Exception as exc:  # the client raises MlflowException, requests' and urllib3's errors
-            if attempt == attempts:
-                raise
-            logger.warning("MLflow %s failed (%s); retry %d/%d in %.1fs", what, exc, attempt, attempts, delay)
-            time.sleep(delay)
-            delay *= 2
-    raise AssertionError("unreachable")
+    return retry(action, f"MLflow {what}", attempts=attempts, first_delay=first_delay)
 
 
 def unreachable(exc: BaseException) -> bool:
@@ -211,26 +202,26 @@ class Tracker:
             journal.append(op, args, tracking_uri=self._uri(), files=files)
             self.flush(run_id)
             return None
-        delay = 0.5
-        for attempt in range(1, DIRECT_ATTEMPTS + 1):
-            try:
-                return self._apply(run_id, op, args)
-            except Exception as exc:
-                if not unreachable(exc):
-                    raise
-                if attempt < DIRECT_ATTEMPTS:
-                    time.sleep(delay)
-                    delay *= 2
-                    continue
-                journal.append(op, args, tracking_uri=self._uri(), files=files)
-                logger.warning(
-                    "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
-                    self._uri(),
-                    str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                    run_id,
-                    journal.directory,
-                )
-                self._backoff.failed()
+        try:
+            return retry(
+                lambda: self._apply(run_id, op, args),
+                f"MLflow {op} of run {run_id}",
+                attempts=DIRECT_ATTEMPTS,
+                first_delay=0.5,
+                retryable=unreachable,
+            )
+        except Exception as exc:
+            if not unreachable(exc):
+                raise
+            journal.append(op, args, tracking_uri=self._uri(), files=files)
+            logger.warning(
+                "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
+                self._uri(),
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                run_id,
+                journal.directory,
+            )
+            self._backoff.failed()
         return None
 
     def _apply(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None = None) -> Any:
