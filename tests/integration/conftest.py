@@ -70,6 +70,36 @@ def s3_server(stack):
 
 
 @pytest.fixture(scope="session")
+def tiny_run_spec(shapes):
+    """A factory of the smallest useful one-worker training spec (3 epochs of 2 steps on the shapes set);
+    each keyword replaces or extends a section: tiny_run_spec(name="x", scaling={"max_failures": 2})."""
+
+    def make(name: str, **sections: dict) -> dict:
+        spec = {
+            "name": name,
+            "data": {"root": str(shapes), "loader_workers": 0},
+            "model": {"backbone": "resnet18", "min_size": 128, "max_size": 160, "fpn_channels": 32},
+            "train": {
+                "epochs": 3,
+                "batch_size": 2,
+                "optimizer": "adamw",
+                "lr": 0.004,
+                "warmup_iters": 2,
+                "schedule": "cosine",
+                "latency_iters": 2,
+                "max_steps_per_epoch": 2,
+                "eval_max_images": 4,
+            },
+            "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        }
+        for key, value in sections.items():
+            spec[key] = {**spec.get(key, {}), **value}
+        return spec
+
+    return make
+
+
+@pytest.fixture(scope="session")
 def s3_client(s3_server):
     """A boto3 client of the stack's S3 endpoint, with its credentials: to look at what runs stored."""
     import boto3

@@ -79,27 +79,14 @@ def node_of_the_train_worker(cluster):
 
 
 def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_other_node(
-    cluster, mlflow_server, shapes, tmp_path
+    cluster, mlflow_server, tiny_run_spec, tmp_path
 ):
-    spec = {
-        "name": "node-loss",
-        "data": {"root": str(shapes), "loader_workers": 0},
-        "model": {"backbone": "resnet18", "min_size": 128, "max_size": 160, "fpn_channels": 32},
-        "train": {
-            "epochs": 3,
-            "batch_size": 2,
-            "optimizer": "adamw",
-            "lr": 0.004,
-            "warmup_iters": 2,
-            "schedule": "cosine",
-            "latency_iters": 2,
-            "max_steps_per_epoch": 2,
-            "eval_max_images": 4,
-        },
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 2},
-        "tracking": {"experiment": "it-reliability-node", "run_name": "node-loss"},
-        "storage": {"path": str(tmp_path / "storage")},
-    }
+    spec = tiny_run_spec(
+        "node-loss",
+        scaling={"max_failures": 2},
+        tracking={"experiment": "it-reliability-node", "run_name": "node-loss"},
+        storage={"path": str(tmp_path / "storage")},
+    )
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {
         **os.environ,

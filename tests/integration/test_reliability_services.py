@@ -337,7 +337,7 @@ def wait_for(condition, what: str, proc: subprocess.Popen, timeout: float = 300)
 
 
 @pytest.fixture(scope="module")
-def outage_run(own_mlflow, s3_server, ray_head, shapes, tmp_path_factory):
+def outage_run(own_mlflow, s3_server, ray_head, tiny_run_spec, tmp_path_factory):
     """`retinaops train` on the session's cluster; after epoch 0 MLflow is stopped and S3 answers 503; S3
     heals once the next checkpoint upload has failed for longer than the S3 client's own retries, MLflow
     starts again after that. Returns (outcome, stdout + stderr, client, run_id, home, bucket client)."""
@@ -345,25 +345,12 @@ def outage_run(own_mlflow, s3_server, ray_head, shapes, tmp_path_factory):
     direct = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1", **_keys(s3_server))
     direct.create_bucket(Bucket="reliability-run")
     endpoint = FlakyEndpoint(s3_server.url)
-    spec = {
-        "name": "outage",
-        "data": {"root": str(shapes), "loader_workers": 0},
-        "model": {"backbone": "resnet18", "min_size": 128, "max_size": 160, "fpn_channels": 32},
-        "train": {
-            "epochs": 3,
-            "batch_size": 2,
-            "optimizer": "adamw",
-            "lr": 0.004,
-            "warmup_iters": 2,
-            "schedule": "cosine",
-            "latency_iters": 2,
-            "max_steps_per_epoch": 2,
-            "eval_max_images": 4,
-        },
-        "scaling": {"num_workers": 1, "cpus_per_worker": 1, "max_failures": 1},
-        "tracking": {"experiment": EXPERIMENT, "run_name": "ray-outage", "tracking_uri": own_mlflow.url},
-        "storage": {"path": "s3://reliability-run/runs", "endpoint": endpoint.url},
-    }
+    spec = tiny_run_spec(
+        "outage",
+        scaling={"max_failures": 1},
+        tracking={"experiment": EXPERIMENT, "run_name": "ray-outage", "tracking_uri": own_mlflow.url},
+        storage={"path": "s3://reliability-run/runs", "endpoint": endpoint.url},
+    )
     (tmp / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {
         **os.environ,
