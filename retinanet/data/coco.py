@@ -93,6 +93,9 @@ class ValidationReport:
             raise ValueError(self.summary())
 
 
+_NO_SIZE = {"width": None, "height": None}  # an annotation whose image is unknown: no size to check
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -217,7 +220,8 @@ class _Validator:
                 errors.append((f"unknown {key}", key, f"no {key.split('_')[0]} has id {value}"))
             elif value not in kept:
                 silent_reasons.append(dropped_reason)
-        img = self.images.get(ann.get("image_id"), {"width": None, "height": None})
+        image_id = ann.get("image_id")  # may be any JSON value: only an integer is looked up
+        img = self.images.get(image_id, _NO_SIZE) if _is_int(image_id) else _NO_SIZE
         reason, msg, xywh = _check_bbox(ann.get("bbox"), img["width"], img["height"])
         if msg is not None:
             errors.append((reason, "bbox", msg))

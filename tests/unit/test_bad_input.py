@@ -102,6 +102,14 @@ COCO_KINDS = {
         "image_id",
         "no image has id 9",
     ),
+    "image id of an annotation that is a list": (
+        [img(1)],
+        [box(5, [1, 1, 3, 3], image_id=[])],
+        CATS,
+        "annotation 5",
+        "image_id",
+        "expected an integer",
+    ),
     "category id as a string": (
         [img(1)],
         [box(5, [1, 1, 3, 3], category_id="7")],

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -114,6 +114,12 @@ def coco_dir(tmp_path_factory):
 
 @FUZZ
 @given(content=coco_files())
+# Found by this fuzz on a fresh clone: an image_id that is a list was used as a dict key (TypeError).
+@example(
+    content=json.dumps(
+        {**COCO, "annotations": [{"id": 10, "image_id": [], "category_id": 7, "bbox": [2, 3, 4, 5]}]}
+    ).encode()
+)
 def test_no_coco_file_gets_past_validation_with_anything_but_a_named_error(coco_dir, content):
     path = coco_dir / "train.json"
     path.write_bytes(content)
