@@ -1,7 +1,10 @@
 """Storage: local folders and `s3://bucket/prefix` (any S3-compatible endpoint), for checkpoints and data.
 
 Ray Train writes checkpoints through a pyarrow filesystem, with `publish_checkpoint` as its upload:
-retried with backoff while the store fails, verified, manifest last, so never half-visible. Data on
+retried with backoff while the store fails, verified, manifest last, so never half-visible. What Ray
+writes itself (its run snapshot, Tune's experiment state) no code of ours retries: the filesystem handed
+to Ray retries each request for about 1.5 minutes instead of pyarrow's ~1.5 s, so that a short store
+outage does not fail the whole run ("controller error"). Data on
 S3 is copied once into a local cache on each node. Credentials come from the usual AWS environment
 variables, never from specs.
 """
@@ -29,6 +32,10 @@ MANIFEST_FILE = "manifest.json"
 STORAGE_ATTEMPTS = 8
 FIRST_DELAY_S = 1.0
 MAX_DELAY_S = 30.0
+# Attempts of one S3 request inside the client (AWS "standard" mode: jittered exponential backoff, at
+# most 20 s apart). 3 is pyarrow's default (~1.5 s); 10 keeps a request going ~1.5 minutes.
+QUICK_ATTEMPTS = 3
+RIDE_OUT_ATTEMPTS = 10
 
 
 def is_s3(uri: str | os.PathLike | None) -> bool:
@@ -44,7 +51,7 @@ def split_s3(uri: str) -> tuple[str, str]:
     return bucket, key.strip("/")
 
 
-def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
+def s3_filesystem(endpoint: str | None, attempts: int = QUICK_ATTEMPTS) -> RetryingS3FileSystem:
     """A pyarrow S3 filesystem; endpoint like http://127.0.0.1:9000 for S3-compatible stores."""
     kwargs: dict = {
         "region": os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
@@ -53,7 +60,31 @@ def s3_filesystem(endpoint: str | None) -> pafs.S3FileSystem:
     if endpoint:
         scheme, _, host = endpoint.partition("://")
         kwargs.update(endpoint_override=host or scheme, scheme=scheme if host else "https")
-    return pafs.S3FileSystem(**kwargs)
+    return RetryingS3FileSystem(attempts, **kwargs)
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3FileSystem whose retry strategy survives pickling (pyarrow's own pickle drops it and
+    falls back to 3 attempts), so Ray's controller and workers retry as long as the driver asked."""
+
+    def __init__(self, attempts: int, **kwargs) -> None:
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=attempts), **kwargs)
+        self.attempts, self._kwargs = attempts, kwargs
+
+    def with_attempts(self, attempts: int) -> RetryingS3FileSystem:
+        return RetryingS3FileSystem(attempts, **self._kwargs)
+
+    def __reduce__(self):
+        return RetryingS3FileSystem._rebuild, (self.attempts, self._kwargs)
+
+    @staticmethod
+    def _rebuild(attempts: int, kwargs: dict) -> RetryingS3FileSystem:
+        return RetryingS3FileSystem(attempts, **kwargs)
+
+
+def quick(fs: pafs.FileSystem) -> pafs.FileSystem:
+    """The same store with the client's quick retries: for transfers that our own backoff retries."""
+    return fs.with_attempts(QUICK_ATTEMPTS) if isinstance(fs, RetryingS3FileSystem) else fs
 
 
 @dataclass(frozen=True)
@@ -65,7 +96,8 @@ class StorageLocation:
 
     @property
     def filesystem(self) -> pafs.FileSystem | None:
-        return s3_filesystem(self.endpoint) if is_s3(self.uri) else None
+        """The filesystem for Ray's RunConfig: requests ride out a store outage of ~1.5 minutes."""
+        return s3_filesystem(self.endpoint, RIDE_OUT_ATTEMPTS) if is_s3(self.uri) else None
 
     @property
     def path(self) -> str:
@@ -85,7 +117,7 @@ def ensure_bucket(location: StorageLocation) -> None:
         Path(location.path).mkdir(parents=True, exist_ok=True)
         return
     bucket, _ = split_s3(location.uri)
-    fs = location.filesystem
+    fs = s3_filesystem(location.endpoint)  # a wrong endpoint or key fails in seconds, before any run
     info = fs.get_file_info(bucket)
     if info.type == pafs.FileType.NotFound:
         fs.create_dir(bucket)

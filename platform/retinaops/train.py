@@ -32,6 +32,7 @@ from retinaops.storage import (
     download_dir,
     materialize,
     publish_checkpoint,
+    quick,
     verify_checkpoint,
     write_manifest,
 )
@@ -191,7 +192,7 @@ def upload_checkpoint(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.tr
     """Ray Train's upload hook: publish into the run's storage with retries, manifest last (see publish_checkpoint)."""
     storage = ray.train.get_context().get_storage()
     dest = storage.build_checkpoint_path_from_name(dir_name)
-    publish_checkpoint(checkpoint.path, storage.storage_filesystem, dest)
+    publish_checkpoint(checkpoint.path, quick(storage.storage_filesystem), dest)  # our backoff, logged
     return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
 
 

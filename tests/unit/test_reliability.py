@@ -4,7 +4,10 @@ The faults here are real where they can be without a server: NaN images through 
 a torn journal line as a crash leaves it, a file in the way of a checkpoint upload, a truncated file.
 """
 
+import http.server
 import json
+import pickle
+import threading
 import time
 
 import pyarrow.fs as pafs
@@ -22,7 +25,17 @@ from mlflow.protos.databricks_pb2 import (
 from retinanet import RetinaNet, RetinaNetConfig
 from retinaops.journal import Backoff, Journal
 from retinaops.spec import JobSpec, SpecError
-from retinaops.storage import publish_checkpoint, verify_checkpoint, with_storage_retries, write_manifest
+from retinaops.storage import (
+    QUICK_ATTEMPTS,
+    RIDE_OUT_ATTEMPTS,
+    StorageLocation,
+    publish_checkpoint,
+    quick,
+    s3_filesystem,
+    verify_checkpoint,
+    with_storage_retries,
+    write_manifest,
+)
 from retinaops.tracking import unreachable
 from retinaops.train import NonFiniteGuard, NonFiniteLossError
 from retinaops.trainer import check_cluster_resources
@@ -274,6 +287,44 @@ def test_a_missing_file_is_an_answer_not_a_failure_to_retry():
     with pytest.raises(FileNotFoundError):
         with_storage_retries(missing, "download", attempts=5, first_delay=0.01)
     assert calls == [1]
+
+
+class _Unavailable(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers every request 503 and counts them."""
+
+    requests = 0
+
+    def do_HEAD(self):
+        type(self).requests += 1
+        self.send_response(503)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_GET = do_PUT = do_POST = do_HEAD
+
+    def log_message(self, *args):
+        pass
+
+
+def test_the_filesystem_handed_to_ray_keeps_its_retries_through_pickling_and_ours_stays_quick():
+    """Ray pickles the storage filesystem to its controller, which writes its run snapshot with no retry
+    of ours; pyarrow's own pickle drops the retry strategy (back to 3 attempts). Counted on a 503 store."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        endpoint = f"http://127.0.0.1:{server.server_address[1]}"
+        location = StorageLocation("s3://bucket/runs", endpoint)
+        assert location.filesystem.attempts == RIDE_OUT_ATTEMPTS
+        for fs, expected in [
+            (pickle.loads(pickle.dumps(s3_filesystem(endpoint, attempts=4))), 4),
+            (quick(pickle.loads(pickle.dumps(location.filesystem))), QUICK_ATTEMPTS),
+        ]:
+            _Unavailable.requests = 0
+            with pytest.raises(OSError, match="503"):
+                fs.get_file_info("bucket/runs/x")
+            assert _Unavailable.requests == expected
+    finally:
+        server.shutdown()
 
 
 def test_publish_writes_every_file_then_the_manifest(tmp_path):
