@@ -149,16 +149,20 @@ def test_ap_latency_parity_pair_starts_from_the_same_weights_and_losses():
 
     from benchmarks.ap_latency import ZeroBasedLabels, build, runs_for
 
-    runs = runs_for(argparse.Namespace(sizes=(64, 96), steps=3, parity_steps=5, sweep_steps=2))
-    assert [r.group for r in runs].count("sweep") == 8 and {r.fpn_channels for r in runs[:3]} == {64}
-    tv_run, ours_run = runs[0], runs[1]
+    runs = runs_for(
+        argparse.Namespace(sizes=(64, 96), steps=3, parity_steps=5, parity_orders=2, sweep_steps=2)
+    )
+    assert [r.group for r in runs].count("sweep") == 8 and {r.fpn_channels for r in runs[:4]} == {64}
+    parity = [(r.build, r.seed) for r in runs if r.group == "parity"]
+    assert parity == [("tv_retinanet", 0), ("tv_retinanet", 1), ("ours_from_tv", 0), ("ours_from_tv", 1)]
+    tv_run, ours_run = runs[0], runs[2]
     tv, ours = build(tv_run, num_classes=2), build(ours_run, num_classes=2)
     images = [torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(0))]
     targets = [{"boxes": torch.tensor([[8.0, 10, 40, 50]]), "labels": torch.tensor([1])}]
     expected, got = tv(images, targets), ours(images, targets)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-4, atol=0)
-    frcnn = build(runs[3], num_classes=2)
+    frcnn = build(next(r for r in runs if r.build == "frcnn"), num_classes=2)
     assert (
         isinstance(frcnn, ZeroBasedLabels) and frcnn.model.roi_heads.box_predictor.cls_score.out_features == 3
     )
