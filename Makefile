@@ -32,7 +32,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m benchmarks.run --out benchmarks/RESULTS.md
 
-# AP against latency on the synthetic set (~13 min on 2 quiet cores): benchmarks/AP_LATENCY.md + ap_latency.png
+# AP against latency on the synthetic set (~19 min on 2 quiet cores): benchmarks/AP_LATENCY.md + ap_latency.png
 .PHONY: bench-ap
 bench-ap: $(STAMP)
 	$(PY) -m benchmarks.ap_latency

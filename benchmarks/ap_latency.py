@@ -1,6 +1,6 @@
 """AP against latency on the synthetic shapes set: the seed's speed/accuracy chart, on this machine.
 
-    python -m benchmarks.ap_latency                 # ~13 min on 2 quiet cores (make bench-ap)
+    python -m benchmarks.ap_latency                 # ~19 min on 2 quiet cores (make bench-ap)
     python -m benchmarks.ap_latency --smoke-test    # every model for 2 steps: checks the pipeline
 
 Every detector trains from random weights (nothing is downloaded) with one recipe: AdamW, linear
