@@ -77,6 +77,7 @@ CASES = {
         Case("infer_b8_512", "infer", 8, 512, True, 2, 0, title=INFER, compiled=True),
         Case("memory_train_b2_512", "memory", 2, 512, True, 2, title=MEMORY),
         Case("profile_train_b2_512", "profile", 2, 512, True, 1, title="where a train step's time goes"),
+        Case("profile_infer_b8_512", "profile", 8, 512, True, 1, title="where an inference call's time goes"),
         Case("memory_train_b8_800", "memory", 8, 800, False, 1, title=MEMORY),
         Case("latency_320", "latency", 1, 320, True, 3, title=LATENCY),
         Case("latency_512", "latency", 1, 512, True, 2, title=LATENCY),

@@ -273,9 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     from benchmarks.cases import CASES
 
     if CASES[args.worker].kind == "profile":
-        from benchmarks.profile import profile_train
+        from benchmarks.profile import profile_case
 
-        result = profile_train(args.worker, ours_config)
+        result = profile_case(args.worker, ours_config)
     elif args.impl is not None:
         result = run_memory(args.worker, args.impl, repeats=args.repeats, ours_config=ours_config)
     else:
