@@ -191,8 +191,7 @@ def _notes(results: dict) -> list[str]:
     cases = results["cases"]
     notes = []
     for name, prof in ((n, r["profile"]) for n, r in cases.items() if "profile" in r):
-        conv = "convolution (forward + backward)"
-        shares = {i: d["self_cpu_ms"].get(conv, 0.0) / d["total_cpu_ms"] for i, d in prof["impls"].items()}
+        shares = {i: _conv(d) / d["total_cpu_ms"] for i, d in prof["impls"].items()}
         tv = prof["impls"]["tv"]
         tv_conv = _conv(tv)
         if name.startswith("profile_infer"):
