@@ -11,6 +11,7 @@ variables, never from specs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -75,11 +76,7 @@ class RetryingS3FileSystem(pafs.S3FileSystem):
         return RetryingS3FileSystem(attempts, **self._kwargs)
 
     def __reduce__(self):
-        return RetryingS3FileSystem._rebuild, (self.attempts, self._kwargs)
-
-    @staticmethod
-    def _rebuild(attempts: int, kwargs: dict) -> RetryingS3FileSystem:
-        return RetryingS3FileSystem(attempts, **kwargs)
+        return functools.partial(RetryingS3FileSystem, self.attempts, **self._kwargs), ()
 
 
 def quick(fs: pafs.FileSystem) -> pafs.FileSystem:
