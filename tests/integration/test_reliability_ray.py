@@ -29,9 +29,16 @@ def outcome_of(stdout: str) -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
+    """The cluster, with this module's folder as Ray's temp dir and as its default one (RAY_TMPDIR).
+
+    Cluster writes its address to `{default temp dir}/ray/ray_current_cluster` (and deletes it on
+    shutdown) whatever temp_dir its nodes have: with the default, /tmp/ray, that fails where Ray never
+    ran and clobbers the address of another Ray on the host where it did.
+    """
     from ray.cluster_utils import Cluster
 
     temp_dir = tempfile.mkdtemp(prefix="rn-", dir="/tmp")  # short: Ray's socket paths are limited
+    os.mkdir(Path(temp_dir, "ray"))
     common = {"node_ip_address": "127.0.0.1", "temp_dir": temp_dir}
     head = {
         **common,
@@ -42,11 +49,15 @@ def cluster():
         # A dead node is declared dead after 3 missed 1 s health checks, not the default 5 x 3 s.
         "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
     }
-    cluster = Cluster(initialize_head=True, head_node_args=head)
-    for _ in range(2):
-        cluster.add_node(**common, num_cpus=1)
-    yield cluster
-    cluster.shutdown()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_TMPDIR", temp_dir)  # the drivers this module starts inherit it too
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        try:
+            for _ in range(2):
+                cluster.add_node(**common, num_cpus=1)
+            yield cluster
+        finally:
+            cluster.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
 
 
