@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -24,9 +25,13 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
+from retinanet.ap_interval import ap_interval
+
 logger = logging.getLogger(__name__)
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
+CLASS_PREFIX = "AP_class/"  # per-class AP metrics: AP_class/<class name>
+BOOTSTRAP_SAMPLES = 200  # resamples of the validation images behind AP_lo, AP_hi
 
 
 def to_coco_results(
@@ -97,15 +102,17 @@ def predict_dataset(
     """
     from torch.utils.data import DataLoader
 
-    from retinanet.data.transforms import collate
+    from retinanet.data.transforms import collate, same_size_batches
 
     if batch_size < 1:
         raise ValueError(f"predict_dataset: batch_size must be >= 1, got {batch_size}")
     device = _model_device(model) if device is None else torch.device(device)
     model.to(device)
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collate
-    )
+    sizes = getattr(dataset, "image_sizes", None)  # same-size batches: detections not batch-dependent
+    batching: dict[str, Any] = {"batch_size": batch_size, "shuffle": False}
+    if sizes is not None:
+        batching = {"batch_sampler": same_size_batches(sizes, batch_size)}
+    loader = DataLoader(dataset, num_workers=num_workers, collate_fn=collate, **batching)
     detections: list[dict[str, Tensor]] = []
     image_ids: list[int] = []
     was_training = model.training
@@ -126,11 +133,14 @@ def coco_eval(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Box AP of COCO results against a COCO ground-truth dict, and COCOeval's precision array.
 
-    Returns `{"AP","AP50","AP75","APs","APm","APl"}` as floats in [0, 1] and precision of shape
-    (T=10, R=101, C, A=4, M=3) in the order of the sorted gt category ids, -1 where a setting has no gt.
-    A metric with no ground truth to measure (pycocotools' -1, e.g. APs on a set without small objects)
-    is reported as 0.0. Results of categories absent from the gt are ignored; results naming an image
-    absent from the gt are an error. pycocotools' printing is swallowed.
+    Returns `{"AP","AP50","AP75","APs","APm","APl"}` as floats in [0, 1]; `AP_lo`, `AP_hi`, a 95%
+    bootstrap interval of AP over the images (`retinanet.ap_interval`, seeded: deterministic); and
+    `AP_class/<name>` per category that has gt (names from `class_metric_names`; a category without gt
+    gets no entry). Precision has shape (T=10, R=101, C, A=4, M=3) in the order of the sorted gt
+    category ids, -1 where a setting has no gt. A metric with no ground truth to measure (pycocotools'
+    -1, e.g. APs on a set without small objects) is reported as 0.0. Results of categories absent from
+    the gt are ignored; results naming an image absent from the gt are an error. pycocotools' printing
+    is swallowed.
     """
     images = coco_gt.get("images") or []
     if not images:
@@ -171,12 +181,43 @@ def coco_eval(
         evaluator.summarize()
     stats = evaluator.stats[: len(METRIC_NAMES)]  # (6,)
     metrics = {name: max(float(value), 0.0) for name, value in zip(METRIC_NAMES, stats, strict=True)}
-    logger.debug("coco_eval: %d images, %d results: %s", len(images), len(dt_anns), metrics)
-    return metrics, np.array(evaluator.eval["precision"])  # (T, R, C, A, M)
+    started = time.perf_counter()
+    metrics["AP_lo"], metrics["AP_hi"] = ap_interval(evaluator, metrics["AP"], num_samples=BOOTSTRAP_SAMPLES)
+    precision = np.array(evaluator.eval["precision"])  # (T, R, C, A, M)
+    names = class_metric_names(gt.loadCats(evaluator.params.catIds))
+    # Area "all", the largest max-detections setting: what AP itself averages over categories.
+    per_class = precision[:, :, :, evaluator.params.areaRngLbl.index("all"), -1]  # (T, R, C)
+    for k, category_id in enumerate(evaluator.params.catIds):
+        values = per_class[:, :, k]  # (T, R)
+        if (values > -1).any():  # -1 throughout: no gt of this category, so no AP at all
+            metrics[CLASS_PREFIX + names[category_id]] = float(values[values > -1].mean())
+    logger.debug(
+        "coco_eval: %d images, %d results, bootstrap %.3f s: %s",
+        len(images),
+        len(dt_anns),
+        time.perf_counter() - started,
+        metrics,
+    )
+    return metrics, precision
+
+
+def class_metric_names(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
+    """Category id -> the name of its per-class metric (after `CLASS_PREFIX`), safe as an MLflow key.
+
+    Characters MLflow refuses become `_`; an empty or clashing name gets the category id appended (in id
+    order, so the same categories get the same names whatever their order).
+    """
+    out: dict[int, str] = {}
+    for cat in sorted(categories, key=lambda c: c["id"]):
+        name = re.sub(r"[^A-Za-z0-9_. -]+", "_", str(cat.get("name", ""))).strip(" .")
+        if not name or name in out.values():
+            name = f"{name}_{cat['id']}" if name else str(cat["id"])
+        out[int(cat["id"])] = name
+    return out
 
 
 def coco_ap(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
-    """`{"AP","AP50","AP75","APs","APm","APl"}` of COCO results; see `coco_eval`."""
+    """`{"AP","AP50","AP75","APs","APm","APl","AP_lo","AP_hi","AP_class/..."}` of COCO results; see `coco_eval`."""
     return coco_eval(coco_gt, results)[0]
 
 

@@ -143,6 +143,13 @@ def add_data_synth_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", type=_positive_int, default=3, help="object classes (default: 3)")
     parser.add_argument("--size", type=_positive_int, default=256, help="image side in pixels (default: 256)")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--object-sizes",
+        type=_positive_int,
+        nargs=2,
+        metavar=("LOW", "HIGH"),
+        help="object sides in pixels, drawn log-uniformly (default: COCO's small/medium/large mix)",
+    )
 
 
 def cmd_data_synth(args: argparse.Namespace) -> int:
@@ -155,6 +162,7 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         num_classes=args.classes,
         image_size=args.size,
         seed=args.seed,
+        object_sizes=tuple(args.object_sizes) if args.object_sizes else None,
     )
     print(f"wrote a synthetic COCO set to {root}")
     for split in ("train", "val"):
@@ -189,14 +197,15 @@ def cmd_data_check(args: argparse.Namespace) -> int:
 def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
     _add_model_args(parser, batch_size=4)
     _add_dataset_args(parser)
-    parser.add_argument("--out", required=True, metavar="FILE", help="where to write the COCO results JSON")
+    parser.add_argument("--out", metavar="FILE", help="write the detections there as COCO results JSON")
     parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader worker processes (default: 0)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from retinanet.ap_interval import interval_text
     from retinanet.data.coco import CocoDataset
-    from retinanet.evaluate import coco_ap, predict_dataset
+    from retinanet.evaluate import CLASS_PREFIX, METRIC_NAMES, class_metric_names, coco_ap, predict_dataset
 
     _checkpoint_file(args)  # --model: download it first
     _existing_file(args.checkpoint, "--checkpoint")  # fail before spending time on the data
@@ -213,13 +222,29 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     results = predict_dataset(
         model, dataset, batch_size=args.batch_size, device=device, num_workers=args.workers
     )
-    _write_json(Path(args.out), results)
+    if args.out:
+        _write_json(Path(args.out), results)
     metrics = coco_ap(dataset.coco, results)
+    # A class without ground truth has no AP: null in JSON, "-" in the table (never 0 or -1).
+    keys = class_metric_names(dataset.coco["categories"])
+    per_class = {
+        name: metrics.get(CLASS_PREFIX + keys[cid])
+        for cid, name in zip(dataset.category_ids, dataset.class_names, strict=True)
+    }
+    summary = {k: metrics[k] for k in (*METRIC_NAMES, "AP_lo", "AP_hi")}
     if args.json:
-        print(json.dumps(metrics))
-    else:
-        print(f"wrote {len(results)} detections on {len(dataset)} images to {args.out}")
-        _print_table(metrics)
+        print(json.dumps({**summary, "per_class": per_class}))
+        return 0
+    where = f" to {args.out}" if args.out else ""
+    print(f"{len(results)} detections on {len(dataset)} images{where}")
+    interval = (metrics["AP_lo"], metrics["AP_hi"])
+    rows: dict[str, Any] = {k: metrics[k] for k in METRIC_NAMES}
+    rows["AP"] = f"{interval_text(metrics['AP'], interval)}  (95% bootstrap interval over the images)"
+    _print_table(rows)
+    width = max(len("class"), *(len(name) for name in per_class))
+    print(f"\n{'class':<{width}}  AP")
+    for name, ap in per_class.items():
+        print(f"{name:<{width}}  {'-  (no ground truth)' if ap is None else f'{ap:.4f}'}")
     return 0
 
 

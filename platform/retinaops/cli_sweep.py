@@ -62,7 +62,8 @@ def add_leaderboard_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from retinaops.registry import find_sweep, leaderboard, sweep_trials
+    from retinaops.leaderboard import leaderboard
+    from retinaops.registry import find_sweep, sweep_trials
 
     tracker = _tracker()
     parent = find_sweep(tracker, args.experiment, args.sweep)
@@ -73,7 +74,8 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         )
     else:
         print(
-            f"sweep {parent.info.run_name} ({parent.info.run_id}), * = Pareto-optimal (max AP, min latency)"
+            f"sweep {parent.info.run_name} ({parent.info.run_id}), * = Pareto-optimal (max AP, min latency), "
+            "AP [95% interval]; tied = interval overlaps the leader's"
         )
         _print_leaderboard(rows)
     return 0
@@ -81,18 +83,28 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 def _print_leaderboard(rows: list[dict]) -> None:
     """One line per trial; a trial stopped by ASHA shows as STOPPED, a failed one with its reason below."""
+    from retinanet.ap_interval import interval_text
 
     def number(value) -> str:
         return f"{value:.4f}" if isinstance(value, float) else "-"
 
+    def ap(r: dict) -> str:
+        if not isinstance(r["AP"], float):
+            return "-"
+        has_interval = isinstance(r.get("AP_lo"), float) and isinstance(r.get("AP_hi"), float)
+        return interval_text(r["AP"], (r["AP_lo"], r["AP_hi"]) if has_interval else None)
+
     width = max([34, *(len(r["name"]) for r in rows)])
-    print(f"{'':2}{'trial':<{width}} {'status':<9} {'AP':>8} {'latency_ms':>10}  params")
+    print(
+        f"{'':2}{'trial':<{width}} {'status':<9} {'AP [lo, hi]':<24} {'vs best':<7} {'latency_ms':>10}  params"
+    )
     for r in rows:
         params = " ".join(f"{k}={v}" for k, v in sorted(r["params"].items()))
         mark = "* " if r["pareto"] else "  "
         status = "STOPPED" if r.get("stopped_early") else r["status"]
+        versus = "leader" if r.get("leader") else "tied" if r.get("tied") else ""
         print(
-            f"{mark}{r['name']:<{width}} {status:<9} {number(r['AP']):>8} {number(r['latency_ms']):>10}  {params}"
+            f"{mark}{r['name']:<{width}} {status:<9} {ap(r):<24} {versus:<7} {number(r['latency_ms']):>10}  {params}"
         )
         if r["status"] != "FINISHED" and r.get("error"):
             print(f"{'':4}{r['error'][:160]}")
@@ -150,13 +162,16 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"name": name, "versions": versions}))
         return 0
+    from retinanet.ap_interval import interval_text
+
     print(f"{name}")
-    print(f"  {'version':>7} {'aliases':<12} {'AP':>8} {'latency_ms':>10}  trial_run_id")
+    print(f"  {'version':>7} {'aliases':<12} {'AP [lo, hi]':<24} {'latency_ms':>10}  trial_run_id")
     for v in versions:
-        ap = f"{v['AP']:.4f}" if v["AP"] is not None else "-"
+        interval = (v["AP_lo"], v["AP_hi"]) if v["AP_lo"] is not None and v["AP_hi"] is not None else None
+        ap = interval_text(v["AP"], interval) if v["AP"] is not None else "-"
         latency = f"{v['latency_ms']:.2f}" if v["latency_ms"] is not None else "-"
         aliases = ",".join(v["aliases"]) or "-"
-        print(f"  {v['version']:>7} {aliases:<12} {ap:>8} {latency:>10}  {v['trial_run_id'] or '-'}")
+        print(f"  {v['version']:>7} {aliases:<12} {ap:<24} {latency:>10}  {v['trial_run_id'] or '-'}")
     return 0
 
 

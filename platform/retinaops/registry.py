@@ -1,22 +1,25 @@
-"""Promotion: a sweep's trials as a table, the Pareto front, rules that pick one trial, and the registry.
+"""Promotion: rules that pick one trial of a sweep, and the registry (promote, rollback, versions).
 
 A rule reads `max AP where latency_ms <= 40 and AP50 > 0.5`. Promoting registers the chosen trial's
 logged model as a new version of a registered model, moves the `champion` alias to it and keeps the
 lineage (sweep, trial, spec hash, data fingerprint, commit, metrics) and the previous champion as version
 tags, so that `rollback` can move the alias back. Everything MLflow goes through `tracking.Tracker`.
+A rule ranking by AP does not replace a champion whose AP interval overlaps the candidate's: the data
+cannot tell them apart. The trials' table and the Pareto front are in `retinaops.leaderboard`.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import re
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from retinanet.ap_interval import interval_text, overlaps
+from retinaops.leaderboard import Trial, finite, interval_of
 from retinaops.tracking import PARENT_TAG, Tracker, with_retries
 
 logger = logging.getLogger(__name__)
@@ -25,6 +28,8 @@ CHAMPION = "champion"
 SWEEP_KIND_TAG = "retinaops.kind"  # "sweep" on a sweep's parent run
 TRIAL_PARAM_PREFIX = "trial."  # child-run params holding what Tune sampled, e.g. trial.model.focal_gamma
 LINEAGE_TAGS = ("sweep_run_id", "trial_run_id", "spec_hash", "data_fingerprint", "git_commit")
+METRIC_TAGS = ("AP", "AP_lo", "AP_hi", "latency_ms")  # a version's metrics, kept as tags (repr: exact)
+AP_RULE_METRICS = ("AP", "AP_lo", "AP_hi")  # a rule ranking by these must beat the champion's interval
 OPS: dict[str, Callable[[float, float], bool]] = {
     "<=": operator.le,
     "<": operator.lt,
@@ -35,102 +40,6 @@ _METRIC = r"[A-Za-z_][A-Za-z0-9_.]*"
 _NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?"
 _HEAD = re.compile(rf"\s*(max|min)\s+({_METRIC})\s*(?:\bwhere\b(.*))?", re.IGNORECASE)
 _CONDITION = re.compile(rf"\s*({_METRIC})\s*(<=|>=|<|>)\s*({_NUMBER})\s*")
-
-
-# -- trials and the Pareto front ----------------------------------------------------------------------
-
-
-@dataclass
-class Trial:
-    """One trial of a sweep as MLflow holds it: its child run's metrics, sampled params and tags."""
-
-    run_id: str
-    name: str
-    status: str
-    metrics: dict[str, float] = field(default_factory=dict)
-    params: dict[str, str] = field(default_factory=dict)  # the sampled values, keys as in sweep.space
-    tags: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def model_uri(self) -> str | None:
-        return self.tags.get("model_uri") or None
-
-    def as_row(self, pareto: bool) -> dict[str, Any]:
-        return {
-            "run_id": self.run_id,
-            "name": self.name,
-            "status": self.status,
-            "AP": self.metrics.get("AP"),
-            "latency_ms": self.metrics.get("latency_ms"),
-            "pareto": pareto,
-            "params": self.params,
-            "model_uri": self.model_uri,
-            "checkpoint": self.tags.get("checkpoint"),
-            "error": self.tags.get("error"),
-            "stopped_early": self.tags.get("stopped_early"),
-        }
-
-
-def pareto_front(trials: Sequence[Trial], ap: str = "AP", latency: str = "latency_ms") -> set[str]:
-    """Run ids of the trials no other trial beats on both max `ap` and min `latency`; failed ones left out."""
-    points = {
-        t.run_id: (t.metrics[ap], t.metrics[latency])
-        for t in trials
-        if t.status != "FAILED" and _finite(t.metrics.get(ap)) and _finite(t.metrics.get(latency))
-    }
-
-    def dominated(a: tuple[float, float]) -> bool:
-        return any(b[0] >= a[0] and b[1] <= a[1] and b != a for b in points.values())
-
-    return {run_id for run_id, point in points.items() if not dominated(point)}
-
-
-def leaderboard(trials: Sequence[Trial]) -> list[dict[str, Any]]:
-    """Rows sorted by AP (best first, trials without AP last), Pareto-optimal ones marked."""
-    front = pareto_front(trials)
-    ranked = sorted(trials, key=lambda t: -t.metrics["AP"] if _finite(t.metrics.get("AP")) else math.inf)
-    return [t.as_row(t.run_id in front) for t in ranked]
-
-
-def write_leaderboard_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
-    """The leaderboard as CSV: one column per searched parameter."""
-    import csv
-
-    keys = sorted({k for r in rows for k in r["params"]})
-    with open(path, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["run_id", "name", "status", "AP", "latency_ms", "pareto", *keys])
-        for r in rows:
-            head = [r["run_id"], r["name"], r["status"], r["AP"], r["latency_ms"], r["pareto"]]
-            writer.writerow(head + [r["params"].get(k, "") for k in keys])
-    return path
-
-
-def plot_pareto(rows: list[dict], path: Path) -> Path:
-    """AP against latency_ms of every trial, the Pareto front joined and marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    points = [r for r in rows if r["AP"] is not None and r["latency_ms"] is not None]
-    front = sorted((r for r in points if r["pareto"]), key=lambda r: r["latency_ms"])
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["latency_ms"] for r in points], [r["AP"] for r in points], c="tab:gray", label="trials")
-    ax.plot(
-        [r["latency_ms"] for r in front], [r["AP"] for r in front], "o-", c="tab:red", label="Pareto front"
-    )
-    ax.set_xlabel("latency_ms (lower is better)")
-    ax.set_ylabel("AP (higher is better)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def _finite(value: Any) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 # -- rules ----------------------------------------------------------------------------------------------
@@ -144,7 +53,7 @@ class Condition:
 
     def holds(self, metrics: dict[str, float]) -> bool:
         found = metrics.get(self.metric)
-        return _finite(found) and OPS[self.op](found, self.value)
+        return finite(found) and OPS[self.op](found, self.value)
 
     def __str__(self) -> str:
         return f"{self.metric} {self.op} {self.value:g}"
@@ -189,7 +98,7 @@ class Rule:
 def choose(rule: Rule, trials: Sequence[Trial]) -> Trial:
     """The best finished trial with a logged model that meets every condition; ValueError if none does."""
     usable = [
-        t for t in trials if t.status == "FINISHED" and t.model_uri and _finite(t.metrics.get(rule.metric))
+        t for t in trials if t.status == "FINISHED" and t.model_uri and finite(t.metrics.get(rule.metric))
     ]
     if not usable:
         states = ", ".join(f"{t.name}: {t.status}" for t in trials) or "none"
@@ -211,7 +120,7 @@ def best_seen(rule: Rule, trials: Sequence[Trial]) -> str:
         modes.setdefault(c.metric, "max" if c.op in (">", ">=") else "min")
     parts = []
     for metric, mode in modes.items():
-        seen = [t for t in trials if _finite(t.metrics.get(metric))]
+        seen = [t for t in trials if finite(t.metrics.get(metric))]
         if not seen:
             parts.append(f"{metric} never reported")
             continue
@@ -287,7 +196,9 @@ def promote(
 ) -> Promotion:
     """Register the trial the rule picks as a new version of `name` and make it the champion.
 
-    Refuses (ValueError) when the current champion is better on the rule's metric, unless force.
+    Refuses (ValueError), unless force, when the rule ranks by AP and the trial's AP interval overlaps
+    the champion's, or when the champion is better on the rule's metric (also what a champion without
+    an interval is held to).
     """
     parent = find_sweep(tracker, experiment, sweep)
     trial = choose(rule, sweep_trials(tracker, parent))
@@ -296,6 +207,14 @@ def promote(
         if current.tags.get("trial_run_id") == trial.run_id:
             logger.info("%s version %s already holds trial %s", name, current.version, trial.run_id)
             return Promotion(name, current.version, trial, current.tags.get("previous_champion"))
+        ours, theirs = trial.ap_interval, interval_of(current.tags)
+        if not force and rule.metric in AP_RULE_METRICS and ours and theirs and overlaps(ours, theirs):
+            raise ValueError(
+                f"{name}: candidate trial {trial.name} AP {interval_text(trial.metrics['AP'], ours)} "
+                f"overlaps champion version {current.version} AP "
+                f"{interval_text(float(current.tags.get('AP', 'nan')), theirs)}: the data cannot tell "
+                "them apart; not promoted (--force promotes anyway)"
+            )
         held = current.tags.get(rule.metric)
         candidate = trial.metrics[rule.metric]
         if not force and held is not None and rule.better(float(held), candidate):
@@ -311,7 +230,7 @@ def promote(
         "data_fingerprint": trial.tags.get("data_fingerprint", parent_tags.get("data_fingerprint", "")),
         "git_commit": trial.tags.get("git_commit", parent_tags.get("git_commit", "")),
         "rule": str(rule),
-        **{m: f"{trial.metrics[m]!r}" for m in ("AP", "latency_ms") if _finite(trial.metrics.get(m))},
+        **{m: f"{trial.metrics[m]!r}" for m in METRIC_TAGS if finite(trial.metrics.get(m))},
     }
     if current is not None:
         tags["previous_champion"] = current.version
@@ -334,7 +253,7 @@ def rollback(tracker: Tracker, name: str) -> tuple[str, str]:
 
 
 def model_versions(tracker: Tracker, name: str) -> list[dict[str, Any]]:
-    """Every version of a registered model, newest first: aliases, AP, latency_ms and lineage."""
+    """Every version of a registered model, newest first: aliases, AP [AP_lo, AP_hi], latency_ms, lineage."""
     versions = tracker.model_versions(name)
     if not versions:
         raise ValueError(f"{name}: no such registered model, or it has no versions")
@@ -345,8 +264,7 @@ def model_versions(tracker: Tracker, name: str) -> list[dict[str, Any]]:
         {
             "version": v.version,
             "aliases": sorted(by_version.get(str(v.version), [])),
-            "AP": _float_or_none(v.tags.get("AP")),
-            "latency_ms": _float_or_none(v.tags.get("latency_ms")),
+            **{m: _float_or_none(v.tags.get(m)) for m in METRIC_TAGS},
             "previous_champion": v.tags.get("previous_champion"),
             **{k: v.tags.get(k) for k in LINEAGE_TAGS},
             "source": v.source,

@@ -25,14 +25,8 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from retinaops.registry import (
-    SWEEP_KIND_TAG,
-    Trial,
-    leaderboard,
-    plot_pareto,
-    sweep_trials,
-    write_leaderboard_csv,
-)
+from retinaops.leaderboard import Trial, leaderboard, plot_pareto, write_leaderboard_csv
+from retinaops.registry import SWEEP_KIND_TAG, sweep_trials
 from retinaops.settings import Settings
 from retinaops.spec import JobSpec
 from retinaops.storage import StorageLocation, ensure_bucket

@@ -344,6 +344,11 @@ class CocoDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.image_ids)
 
+    @property
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of each image as the annotations record it, in dataset order."""
+        return list(self._sizes)
+
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image_id = self.image_ids[index]
         image = read_image(self._files[index], image_id=image_id)  # (3, H, W)

@@ -77,10 +77,18 @@ def _background(rng: np.random.Generator, height: int, width: int) -> np.ndarray
     return c0 + (c1 - c0) * ramp[..., None]  # (H, W, 3)
 
 
-def _sample_size(rng: np.random.Generator, height: int, width: int) -> tuple[int, int]:
-    """(box width, box height) of one object, drawn from the small, medium or large range."""
-    kind = str(rng.choice(list(SIDES), p=SIZE_PROBS))
+def _sample_size(
+    rng: np.random.Generator, height: int, width: int, sides: tuple[int, int] | None = None
+) -> tuple[int, int]:
+    """(box width, box height) of one object: from the small, medium or large range, or, with `sides`
+    (low, high), log-uniformly from that range (capped by the image)."""
     room = int(0.75 * min(height, width))
+    if sides is not None:
+        low, high = sides[0], min(sides[1], room)
+        side = int(round(math.exp(rng.uniform(math.log(low), math.log(high)))))
+        other = int(np.clip(round(side * rng.uniform(0.7, 1.4)), low, high))
+        return (side, other) if rng.random() < 0.5 else (other, side)
+    kind = str(rng.choice(list(SIDES), p=SIZE_PROBS))
     low, high = SIDES[kind]
     high = room if high is None else min(high, room)
     if high < low:  # no room for this size in a small image
@@ -104,7 +112,11 @@ def _place(
 
 
 def _make_image(
-    rng: np.random.Generator, size: tuple[int, int], num_classes: int, empty: bool
+    rng: np.random.Generator,
+    size: tuple[int, int],
+    num_classes: int,
+    empty: bool,
+    sides: tuple[int, int] | None = None,
 ) -> tuple[np.ndarray, list[tuple[int, list[float]]]]:
     """One image as uint8 (H, W, 3) and its objects as (label, tight xywh box) pairs."""
     height, width = size
@@ -112,7 +124,7 @@ def _make_image(
     objects: list[tuple[int, list[float]]] = []
     taken: list[tuple[int, int, int, int]] = []
     num_objects = 0 if empty else int(rng.integers(1, MAX_OBJECTS + 1))
-    sizes = [_sample_size(rng, height, width) for _ in range(num_objects)]
+    sizes = [_sample_size(rng, height, width, sides) for _ in range(num_objects)]
     for bw, bh in sorted(sizes, key=lambda s: -s[0] * s[1]):  # big first: they are the hardest to fit
         corner = _place(rng, taken, bw, bh, size)
         if corner is None:
@@ -138,7 +150,14 @@ def _make_image(
 
 
 def _write_split(
-    out_dir: Path, split: str, num_images: int, num_classes: int, image_size: int, seed: int
+    out_dir: Path,
+    split: str,
+    num_images: int,
+    num_classes: int,
+    image_size: int,
+    seed: int,
+    sides: tuple[int, int] | None,
+    params: dict[str, Any],
 ) -> None:
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
     images: list[dict[str, Any]] = []
@@ -148,7 +167,7 @@ def _write_split(
         size = (image_size, image_size)  # (H, W): two thirds square, a sixth wide, a sixth tall
         if draw < 1 / 3:
             size = (image_size, long) if draw < 1 / 6 else (long, image_size)
-        pixels, objects = _make_image(rng, size, num_classes, empty=i % 10 == 9)
+        pixels, objects = _make_image(rng, size, num_classes, empty=i % 10 == 9, sides=sides)
         file_name = f"images/{split}_{i + 1:06d}.png"
         # Noise barely compresses: level 0 halves the time for files a third bigger.
         Image.fromarray(pixels).save(out_dir / file_name, format="PNG", compress_level=0)
@@ -166,13 +185,42 @@ def _write_split(
             )
     categories = [{"id": 2 * k + 1, "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)]
     coco = {
-        "info": {"description": "retinanet synthetic shapes", "seed": seed, "split": split},
+        "info": {"description": "retinanet synthetic shapes", "seed": seed, "split": split, "params": params},
         "licenses": [],
         "images": images,
         "annotations": annotations,
         "categories": categories,
     }
     (out_dir / f"{split}.json").write_text(json.dumps(coco) + "\n")
+
+
+def synth_params(
+    num_train: int,
+    num_val: int,
+    num_classes: int,
+    image_size: int,
+    seed: int,
+    object_sizes: tuple[int, int] | list[int] | None,
+) -> dict[str, Any]:
+    """The arguments a set was made with, as its JSON files record them under info.params."""
+    return {
+        "num_train": num_train,
+        "num_val": num_val,
+        "num_classes": num_classes,
+        "image_size": image_size,
+        "seed": seed,
+        "object_sizes": list(object_sizes) if object_sizes is not None else None,
+    }
+
+
+def recorded_params(out_dir: str | Path) -> dict[str, Any] | None:
+    """The synth_params a set in out_dir was made with; None when its train.json records none."""
+    try:
+        info = json.loads((Path(out_dir) / "train.json").read_text()).get("info", {})
+    except (OSError, ValueError, AttributeError):
+        return None
+    params = info.get("params") if isinstance(info, dict) else None
+    return params if isinstance(params, dict) else None
 
 
 def make_synthetic_coco(
@@ -183,12 +231,15 @@ def make_synthetic_coco(
     num_classes: int = 3,
     image_size: int = 256,
     seed: int = 0,
+    object_sizes: tuple[int, int] | None = None,
 ) -> Path:
     """Write out_dir/train.json, out_dir/val.json and PNGs under out_dir/images/; return out_dir.
 
     file_names are relative to out_dir (load with `CocoDataset.from_dir(out_dir, "train")`). Images are
     image_size square, or image_size by 1.25 * image_size either way. Category k (label k) is SHAPES[k]
     with COCO id 2k + 1. Boxes are the tight xywh boxes of the drawn shapes, area = w * h, iscrowd 0.
+    object_sizes (low, high): draw object sides log-uniformly from low..high pixels (capped at 3/4 of
+    the image) instead of COCO's small/medium/large mix, e.g. to match the anchors of a small model.
     """
     for name, value, low, high in (
         ("num_train", num_train, 1, None),
@@ -200,9 +251,24 @@ def make_synthetic_coco(
         if not isinstance(value, int) or isinstance(value, bool) or value < low or (high and value > high):
             expected = f"an integer >= {low}" + (f" and <= {high} ({', '.join(SHAPES)})" if high else "")
             raise ValueError(f"make_synthetic_coco: {name}: expected {expected}, got {value!r}")
+    sides = None
+    if object_sizes is not None:
+        ok = (
+            isinstance(object_sizes, (tuple, list))
+            and len(object_sizes) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in object_sizes)
+            and 4 <= object_sizes[0] <= object_sizes[1] <= 0.75 * image_size
+        )
+        if not ok:
+            raise ValueError(
+                "make_synthetic_coco: object_sizes: expected two integers 4 <= low <= high <= "
+                f"{int(0.75 * image_size)} (3/4 of image_size), got {object_sizes!r}"
+            )
+        sides = (int(object_sizes[0]), int(object_sizes[1]))
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    _write_split(out, "train", num_train, num_classes, image_size, seed)
-    _write_split(out, "val", num_val, num_classes, image_size, seed)
+    params = synth_params(num_train, num_val, num_classes, image_size, seed, object_sizes)
+    _write_split(out, "train", num_train, num_classes, image_size, seed, sides, params)
+    _write_split(out, "val", num_val, num_classes, image_size, seed, sides, params)
     logger.info("wrote %d train and %d val synthetic images to %s", num_train, num_val, out)
     return out

@@ -87,3 +87,21 @@ def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[di
     images = [item[0] for item in batch]
     targets = [item[1] for item in batch]
     return images, targets
+
+
+def same_size_batches(
+    sizes: Sequence[tuple[int, int]], batch_size: int, indices: Sequence[int] | None = None
+) -> list[list[int]]:
+    """Batches of `indices` (default: all) whose images share one (height, width), in first-seen order.
+
+    For evaluation: a batch of mixed sizes is zero-padded to its largest image, and GroupNorm (in the
+    head, or the body with backbone_norm=group_norm) then counts the padding in each image's statistics,
+    so an image's detections would depend on the images batched with it. Same-size batches need no
+    padding beyond size_divisible, and give every batch size the same detections.
+    """
+    if batch_size < 1:
+        raise ValueError(f"same_size_batches: batch_size must be >= 1, got {batch_size}")
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i in range(len(sizes)) if indices is None else indices:
+        groups.setdefault(tuple(sizes[i]), []).append(i)
+    return [g[k : k + batch_size] for g in groups.values() for k in range(0, len(g), batch_size)]

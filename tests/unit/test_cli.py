@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -192,11 +193,19 @@ def test_evaluate_writes_coco_results_with_original_ids_and_prints_json(
     argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(synth_dir), "--split", "val"]
     code, out, _ = run([*argv, "--out", str(out_file), "--json", "--device", "cpu"], capsys)
     assert code == 0
-    metrics = json.loads(out)
-    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
-    assert all(0.0 <= v <= 1.0 for v in metrics.values())
-    results = json.loads(out_file.read_text())
     gt = json.loads((synth_dir / "val.json").read_text())
+    metrics = json.loads(out)
+    per_class = metrics.pop("per_class")
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP_lo", "AP_hi"}
+    assert all(0.0 <= v <= 1.0 for v in metrics.values())
+    assert metrics["AP_lo"] <= metrics["AP"] <= metrics["AP_hi"]
+    gt_classes = {c["name"] for c in gt["categories"]}
+    assert set(per_class) == gt_classes
+    with_gt = {
+        c["name"] for c in gt["categories"] if any(a["category_id"] == c["id"] for a in gt["annotations"])
+    }
+    assert {name for name, ap in per_class.items() if ap is not None} == with_gt
+    results = json.loads(out_file.read_text())
     assert len(results) == 4 * 5  # detections_per_img on each of 4 images
     assert {r["image_id"] for r in results} == {img["id"] for img in gt["images"]}
     assert {r["category_id"] for r in results} <= {c["id"] for c in gt["categories"]}
@@ -217,7 +226,16 @@ def test_evaluate_prints_a_table(
     ]
     code, out, _ = run([*argv, "--device", "cpu", "--batch-size", "3"], capsys)
     assert code == 0
-    assert [line.split()[0] for line in out.splitlines()[1:]] == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    lines = out.splitlines()
+    assert [line.split()[0] for line in lines[1:7]] == ["AP", "AP50", "AP75", "APs", "APm", "APl"]
+    assert re.fullmatch(
+        r"AP +[0-9.]+ \[[0-9.]+, [0-9.]+\]  \(95% bootstrap interval over the images\)", lines[1]
+    )
+    gt = json.loads((synth_dir / "val.json").read_text())
+    assert lines[7:9] == ["", f"{'class':<{max(5, *(len(c['name']) for c in gt['categories']))}}  AP"]
+    assert [line.split()[0] for line in lines[9:]] == sorted(
+        (c["name"] for c in gt["categories"]), key=lambda n: {c["name"]: c["id"] for c in gt["categories"]}[n]
+    )
 
 
 @pytest.mark.slow  # runs a real ResNet-18 RetinaNet on CPU

@@ -8,6 +8,7 @@ from torch import Tensor, nn
 
 from retinanet.evaluate import (
     LatencyResult,
+    class_metric_names,
     coco_ap,
     coco_eval,
     evaluate,
@@ -40,7 +41,10 @@ def result(category_id: int, bbox: list[float], score: float = 1.0, image_id: in
 
 def test_perfect_predictions_score_ap_one() -> None:
     metrics = coco_ap(make_gt(), [result(3, GT_BOX_A), result(9, GT_BOX_B)])
-    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl"}
+    assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP_lo", "AP_hi"} | {
+        "AP_class/square",
+        "AP_class/disc",
+    }
     assert metrics["AP"] == pytest.approx(1.0)
     assert metrics["AP50"] == pytest.approx(1.0)
     assert metrics["AP75"] == pytest.approx(1.0)
@@ -51,7 +55,12 @@ def test_perfect_predictions_score_ap_one() -> None:
 
 def test_no_predictions_score_zero_without_crashing() -> None:
     metrics, precision = coco_eval(make_gt(), [])
-    assert metrics == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0}
+    assert metrics == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0, "APs": 0.0, "APm": 0.0, "APl": 0.0} | {
+        "AP_lo": 0.0,
+        "AP_hi": 0.0,
+        "AP_class/square": 0.0,
+        "AP_class/disc": 0.0,
+    }
     assert precision.shape == (10, 101, 2, 4, 3)
 
 
@@ -85,6 +94,45 @@ def test_category_without_ground_truth_is_left_out_of_the_mean() -> None:
     metrics, precision = coco_eval(gt, results)
     assert metrics["AP"] == pytest.approx(1.0)
     assert (precision[:, :, 1] == -1).all()  # category 9: no gt, so pycocotools marks it -1
+    assert metrics["AP_class/square"] == pytest.approx(1.0)
+    assert "AP_class/disc" not in metrics  # no number at all: neither 0 nor -1
+
+
+def test_per_class_ap_is_each_category_s_own_and_ap_their_mean() -> None:
+    # square found (AP 1); disc found only up to IoU 0.667 (a 20x20 box shifted 4 px: 320/480), so at
+    # 4 of 10 thresholds: AP 0.4. AP is their mean.
+    results = [result(3, GT_BOX_A), result(9, [54.0, 50.0, 20.0, 20.0])]
+    metrics = coco_ap(make_gt(), results)
+    assert metrics["AP_class/square"] == pytest.approx(1.0)
+    assert metrics["AP_class/disc"] == pytest.approx(0.4)
+    assert metrics["AP"] == pytest.approx(0.7)
+
+
+def test_ap_comes_with_a_bootstrap_interval_around_it() -> None:
+    # Ten images, each with one square: found on the even ones (scores 0.50-0.58), missed on the odd
+    # ones, with a false positive (0.9) on images 1, 5 and 9. AP varies with which images are drawn.
+    images = [{"id": i, "width": 100, "height": 100} for i in range(10)]
+    anns = [
+        {"id": i + 1, "image_id": i, "category_id": 3, "bbox": GT_BOX_A, "area": 1600.0, "iscrowd": 0}
+        for i in range(10)
+    ]
+    results = [result(3, GT_BOX_A, score=0.5 + i / 100, image_id=i) for i in range(0, 10, 2)]
+    results += [result(3, [60.0, 60.0, 30.0, 30.0], score=0.9, image_id=i) for i in range(1, 10, 4)]
+    gt = {"images": images, "categories": [{"id": 3, "name": "square"}], "annotations": anns}
+    metrics = coco_ap(gt, results)
+    assert metrics["AP_lo"] < metrics["AP"] < metrics["AP_hi"]
+    assert coco_ap(gt, results) == metrics  # seeded: the same interval every time
+
+
+def test_class_metric_names_are_safe_mlflow_keys_and_unique() -> None:
+    categories = [
+        {"id": 1, "name": "traffic light"},
+        {"id": 2, "name": "a/b (c)"},
+        {"id": 3, "name": ".."},
+        {"id": 4, "name": "traffic light"},
+    ]
+    assert class_metric_names(categories) == {1: "traffic light", 2: "a_b _c_", 3: "3", 4: "traffic light_4"}
+    assert class_metric_names(categories[::-1]) == class_metric_names(categories)
 
 
 def test_ground_truth_without_area_or_iscrowd_is_filled_in() -> None:
@@ -226,3 +274,38 @@ def test_measure_latency_without_config_or_size_is_an_error() -> None:
 def test_measure_latency_rejects_zero_iters() -> None:
     with pytest.raises(ValueError, match="iters must be >= 1, got 0"):
         measure_latency(TinyNet(), image_size=(8, 8), iters=0)
+
+
+def test_same_size_batches_group_by_size_in_order_and_split_at_batch_size():
+    from retinanet.data.transforms import same_size_batches
+
+    sizes = [(128, 128), (128, 160), (128, 128), (160, 128), (128, 128), (128, 160)]
+    assert same_size_batches(sizes, 2) == [[0, 2], [4], [1, 5], [3]]
+    assert same_size_batches(sizes, 8, indices=[5, 4, 3]) == [[5], [4], [3]]
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        same_size_batches(sizes, 0)
+
+
+def test_predict_dataset_gives_a_group_norm_model_the_same_detections_at_any_batch_size(tmp_path):
+    from retinanet import RetinaNet, RetinaNetConfig
+    from retinanet.data import CocoDataset, make_synthetic_coco
+
+    # Mixed sizes (128 x 128, 128 x 160, 160 x 128): padded into one batch, GroupNorm would see the padding.
+    root = make_synthetic_coco(tmp_path, num_train=1, num_val=9, num_classes=2, image_size=128, seed=1)
+    val = CocoDataset.from_dir(root, "val")
+    assert len(set(val.image_sizes)) > 1
+    torch.manual_seed(0)
+    config = RetinaNetConfig(
+        backbone="resnet18", num_classes=2, fpn_channels=64, head_norm="group_norm", size_divisible=32,
+        min_size=128, max_size=160, score_thresh=0.0, anchor_sizes=(16, 32, 64, 128, 256),
+    )  # fmt: skip
+    model = RetinaNet(config).eval()
+    with torch.no_grad():  # scores spread far apart, as a trained model's: no near-ties to reorder
+        model.head.cls_logits.weight.normal_(std=1.0)
+        model.head.bbox_pred.weight.normal_(std=0.1)
+    one, four = predict_dataset(model, val, batch_size=1), predict_dataset(model, val, batch_size=4)
+    assert len(one) == len(four) > 0
+    for a, b in zip(one, four, strict=True):  # each image's detections, best first
+        assert (a["image_id"], a["category_id"]) == (b["image_id"], b["category_id"])
+        assert a["score"] == pytest.approx(b["score"], abs=1e-4)
+        assert a["bbox"] == pytest.approx(b["bbox"], abs=1e-2)

@@ -4,7 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retinaops.registry import Condition, Rule, Trial, choose, leaderboard, pareto_front
+from retinaops.leaderboard import Trial, leaderboard, pareto_front
+from retinaops.registry import Condition, Rule, choose
 
 
 def trial(name, ap, latency, status="FINISHED", model=True, **params):
@@ -90,6 +91,59 @@ def test_leaderboard_sorts_by_ap_with_trials_without_ap_last_and_marks_the_front
     rows = leaderboard([trial("n", None, None, status="FAILED", model=False), *TABLE[:4]])
     assert [r["name"] for r in rows] == ["a", "b", "c", "d", "n"]
     assert [r["pareto"] for r in rows] == [True, True, False, True, False]
+
+
+def ranked(name, ap, lo=None, hi=None, status="FINISHED"):
+    """A trial whose AP comes with a bootstrap interval [lo, hi] (none when lo is None)."""
+    metrics = {"AP": ap, "latency_ms": 10.0} | ({"AP_lo": lo, "AP_hi": hi} if lo is not None else {})
+    return Trial(
+        run_id=name, name=name, status=status, metrics=metrics, tags={"model_uri": f"models:/m-{name}"}
+    )
+
+
+def test_leaderboard_marks_trials_whose_interval_overlaps_the_leaders_as_tied():
+    rows = leaderboard(
+        [
+            ranked("far", 0.30, 0.25, 0.35),  # entirely below the leader's interval
+            ranked("close", 0.46, 0.41, 0.51),  # overlaps [0.45, 0.55]
+            ranked("best", 0.50, 0.45, 0.55),
+            ranked("touching", 0.40, 0.35, 0.45),  # shares the point 0.45: still not told apart
+            ranked("unknown", 0.49),  # logged before intervals: cannot say
+        ]
+    )
+    assert [r["name"] for r in rows] == ["best", "unknown", "close", "touching", "far"]
+    assert [r["leader"] for r in rows] == [True, False, False, False, False]
+    assert [r["tied"] for r in rows] == [False, False, True, True, False]
+    assert (rows[0]["AP_lo"], rows[0]["AP_hi"]) == (0.45, 0.55)
+    assert rows[1]["AP_lo"] is None and rows[1]["AP_hi"] is None
+
+
+def test_a_failed_trial_is_not_the_leader_even_with_the_best_ap():
+    rows = leaderboard(
+        [
+            ranked("crashed", 0.9, 0.85, 0.95, status="FAILED"),
+            ranked("a", 0.5, 0.4, 0.6),
+            ranked("b", 0.3, 0.2, 0.45),
+        ]
+    )
+    assert [(r["name"], r["leader"], r["tied"]) for r in rows] == [
+        ("crashed", False, False),
+        ("a", True, False),
+        ("b", False, True),
+    ]
+
+
+def test_a_leader_without_an_interval_ties_nobody():
+    rows = leaderboard([ranked("best", 0.5), ranked("b", 0.49, 0.3, 0.6)])
+    assert [(r["leader"], r["tied"]) for r in rows] == [(True, False), (False, False)]
+
+
+def test_a_rule_can_rank_by_the_lower_end_of_the_ap_interval():
+    rule = Rule.parse("max AP_lo where latency_ms <= 40")
+    assert rule == Rule("max", "AP_lo", (Condition("latency_ms", "<=", 40.0),))
+    steady, lucky = ranked("steady", 0.48, 0.46, 0.50), ranked("lucky", 0.50, 0.30, 0.70)
+    assert choose(rule, [lucky, steady]).name == "steady"
+    assert choose(Rule.parse("max AP"), [lucky, steady]).name == "lucky"
 
 
 def test_better_follows_the_rule_mode():

@@ -105,3 +105,19 @@ def test_there_are_at_least_six_distinct_shapes() -> None:
 def test_bad_arguments_raise_naming_the_argument(tmp_path: Path, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=f"make_synthetic_coco: {message}"):
         make_synthetic_coco(tmp_path, **kwargs)
+
+
+def test_object_sizes_draws_every_side_from_the_range(tmp_path: Path) -> None:
+    root = make_synthetic_coco(tmp_path, num_train=40, num_val=4, image_size=128, object_sizes=(16, 80))
+    coco = COCO(str(root / "train.json"))
+    sides = np.array([a["bbox"][2:] for a in coco.dataset["annotations"]])  # (K, 2) tight w, h
+    assert len(sides) > 40
+    # A shape fills its drawn box up to a pixel, and its other side is clipped into the same range.
+    assert sides.min() >= 15 and sides.max() <= 80
+    assert (sides.max(axis=1) < 32).any() and (sides.max(axis=1) > 48).any()  # both ends are drawn
+
+
+@pytest.mark.parametrize("bad", [(2, 10), (40, 20), (16, 200), (16.0, 40), (16,)])
+def test_object_sizes_out_of_range_is_refused_with_the_limit(tmp_path: Path, bad) -> None:
+    with pytest.raises(ValueError, match=r"object_sizes: expected two integers 4 <= low <= high <= 96"):
+        make_synthetic_coco(tmp_path, num_train=2, num_val=1, image_size=128, object_sizes=bad)
