@@ -37,6 +37,12 @@ bench: $(STAMP)
 bench-ap: $(STAMP)
 	$(PY) -m benchmarks.ap_latency
 
+# torchvision's RetinaNet and ours learning side by side on the demo's recipe and data (~10 min on 2 quiet
+# cores): benchmarks/LEARNING.md + learning.png + learning.json
+.PHONY: bench-learn
+bench-learn: $(STAMP)
+	$(PY) -m benchmarks.learn
+
 demo: $(STAMP)
 	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops demo
 

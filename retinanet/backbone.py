@@ -29,6 +29,10 @@ RESNETS = {
 _STAGES_TOP_DOWN = ["layer4", "layer3", "layer2", "layer1", "conv1"]
 
 
+def _group_norm(channels: int) -> nn.GroupNorm:
+    return nn.GroupNorm(32, channels)
+
+
 class P6P7(ExtraFPNBlock):
     """P6 = conv3x3/2 of C5 (the paper) or of P5 (torchvision v1); P7 = conv3x3/2 of ReLU(P6)."""
 
@@ -58,6 +62,7 @@ class ResNetFPN(nn.Module):
         p6_from: str,
         frozen_bn: bool,
         trainable_layers: int,
+        group_norm: bool = False,
         channels_last: bool = False,
     ) -> None:
         """channels_last: run on channels-last (NHWC) activations, which oneDNN's convolutions
@@ -68,6 +73,8 @@ class ResNetFPN(nn.Module):
         super().__init__()
         self.channels_last = channels_last
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d
+        if group_norm:  # statistics per image: no dependence on the batch (small batches, DDP on CPU)
+            norm_layer = _group_norm
         net = RESNETS[depth](weights=None, norm_layer=norm_layer)
         train = _STAGES_TOP_DOWN[:trainable_layers] + (["bn1"] if trainable_layers == 5 else [])
         for name, param in net.named_parameters():
@@ -79,7 +86,9 @@ class ResNetFPN(nn.Module):
         extra = P6P7(
             out_channels if p6_from == "p5" else in_channels[-1], out_channels, from_p5=p6_from == "p5"
         )
-        self.fpn = FeaturePyramidNetwork(in_channels, out_channels, extra_blocks=extra)
+        self.fpn = FeaturePyramidNetwork(
+            in_channels, out_channels, extra_blocks=extra, norm_layer=_group_norm if group_norm else None
+        )
         self.out_channels = out_channels
 
     def forward(self, x: Tensor) -> list[Tensor]:

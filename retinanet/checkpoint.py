@@ -131,7 +131,13 @@ def from_torchvision(tv_model: nn.Module, **overrides: Any):
     fields: dict[str, Any] = {
         "backbone": _tv_backbone_depth(body),
         "num_classes": cls_head.num_classes,
-        "backbone_norm": "frozen" if isinstance(body.bn1, FrozenBatchNorm2d) else "batch",
+        "backbone_norm": (
+            "frozen"
+            if isinstance(body.bn1, FrozenBatchNorm2d)
+            else "group_norm"
+            if isinstance(body.bn1, nn.GroupNorm)
+            else "batch"
+        ),
         "trainable_backbone_layers": trainable,
         "fpn_channels": tv_model.backbone.out_channels,
         "p6_from": "p5" if tv_model.backbone.fpn.extra_blocks.use_P5 else "c5",

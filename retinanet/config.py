@@ -10,7 +10,7 @@ BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101")
 BOX_LOSSES = ("smooth_l1", "l1", "giou")
 HEAD_NORMS = ("none", "group_norm")
 P6_SOURCES = ("c5", "p5")
-BACKBONE_NORMS = ("auto", "frozen", "batch")
+BACKBONE_NORMS = ("auto", "frozen", "batch", "group_norm")
 LOSS_NORMALIZERS = ("batch", "ema", "per_image")
 ANCHOR_ROUNDINGS = ("none", "torchvision")
 NUM_LEVELS = 5  # FPN P3..P7
@@ -68,7 +68,8 @@ class RetinaNetConfig:
     backbone_weights: str | None = None
     """Path to a torchvision ResNet state dict or a whole torchvision RetinaNet checkpoint; never downloaded."""
     backbone_norm: str = "auto"
-    """BatchNorm of the body: frozen (as in the paper, with weights), batch (trains), auto (frozen iff weights)."""
+    """Norm of the body: frozen BatchNorm (the paper, with weights), batch (trains), auto (frozen iff weights),
+    or group_norm (GroupNorm of 32 groups in the body and the FPN: from scratch only)."""
     trainable_backbone_layers: int | None = None
     """How many ResNet stages (0-5, from the top) train; None means 3 with weights, 5 from scratch."""
     fpn_channels: int = 256
@@ -132,6 +133,14 @@ class RetinaNetConfig:
         if self.backbone_weights is not None and not isinstance(self.backbone_weights, str):
             _fail("backbone_weights", "a file path or None", self.backbone_weights)
         _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
+        if self.backbone_norm == "group_norm" and self.backbone_weights is not None:
+            _fail(
+                "backbone_norm",
+                "frozen, batch or auto with backbone_weights (BatchNorm weights)",
+                "group_norm",
+            )
+        if self.backbone_norm == "group_norm" and self.fpn_channels % 32:
+            _fail("fpn_channels", "a multiple of 32 with backbone_norm=group_norm", self.fpn_channels)
         if self.trainable_backbone_layers is not None:
             _check_int("trainable_backbone_layers", self.trainable_backbone_layers, 0, 5)
         _check_int("fpn_channels", self.fpn_channels, 1)

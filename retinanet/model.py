@@ -59,7 +59,13 @@ class RetinaNet(nn.Module):
         Returns {"classification": scalar, "bbox_regression": scalar}.
       eval: returns per image {"boxes": (K, 4) xyxy in pixels of the original image,
         "scores": (K,) in (score_thresh, 1], "labels": (K,) int64}, best first, K <= detections_per_img.
+
+    resize_in_training: True (the default) brings every training image to config.min_size, as eval does;
+    False trains on images at the size they come in, for data that is already resized (multi-scale
+    training with retinanet.data.augment.ResizeShortestEdge). Eval always resizes. Not saved with the model.
     """
+
+    resize_in_training: bool = True
 
     def __init__(self, config: RetinaNetConfig, *, read_backbone_weights: bool = True) -> None:
         """read_backbone_weights=False builds the layout that config.backbone_weights implies (frozen
@@ -78,6 +84,7 @@ class RetinaNet(nn.Module):
             out_channels=config.fpn_channels,
             p6_from=config.p6_from,
             frozen_bn=frozen_bn,
+            group_norm=config.backbone_norm == "group_norm",
             trainable_layers=trainable,
         )
         if has_weights and read_backbone_weights:
@@ -126,7 +133,9 @@ class RetinaNet(nn.Module):
             if not image.is_floating_point():
                 raise ValueError(f"RetinaNet: images[{i}] must be float in [0, 1], got {image.dtype}")
             mean, std = self.image_mean.to(image.dtype), self.image_std.to(image.dtype)
-            image = resize(normalize(image, mean, std), cfg.min_size, cfg.max_size)
+            image = normalize(image, mean, std)
+            if not self.training or self.resize_in_training:
+                image = resize(image, cfg.min_size, cfg.max_size)
             resized.append(image)
             sizes.append((image.shape[-2], image.shape[-1]))
         if targets is not None:

@@ -23,6 +23,7 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from retinanet.config import RetinaNetConfig
+from retinaops.augmentspec import AugmentSpec
 from retinaops.specpaths import (
     Issue,
     Issues,
@@ -75,6 +76,7 @@ class SynthSpec(Section):
     classes: int = Field(3, ge=1, le=8, description="Shape classes; model.num_classes must match.")
     size: int = Field(256, ge=64, description="Image side in pixels.")
     seed: int = Field(0, ge=0, description="Seed of the generator: same seed, same images.")
+    object_sizes: list[int] | None = Field(None, min_length=2, max_length=2, description="[low, high] sides")
 
 
 class DataSpec(Section):
@@ -88,6 +90,7 @@ class DataSpec(Section):
     strict: bool = Field(False, description="Fail on bad annotations instead of dropping the bad boxes.")
     synth: SynthSpec | None = Field(None, description="Generate shapes into root if it does not exist yet.")
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of flipping a training image.")
+    augment: AugmentSpec = Field(AugmentSpec(), description="Train-split augmentation; off unless given.")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker.")
 
     @model_validator(mode="after")
@@ -144,6 +147,7 @@ class TrainSpec(Section):
     latency_iters: int = Field(10, ge=0, description="Timed inference passes for latency_ms; 0 skips it.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cut epochs short (smoke tests).")
     eval_max_images: int | None = Field(None, ge=1, description="Evaluate on the first N val images only.")
+    log_every_steps: int = Field(10, ge=0, description="loss_step to MLflow, progress every N steps; 0: off.")
 
     @model_validator(mode="after")
     def _milestones(self) -> TrainSpec:

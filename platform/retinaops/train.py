@@ -25,8 +25,11 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from retinanet import RetinaNet, RetinaNetConfig
-from retinanet.data import CocoDataset, RandomHorizontalFlip, collate
+from retinanet.data import CocoDataset, collate
+from retinanet.data.transforms import same_size_batches
 from retinanet.evaluate import coco_eval, measure_latency, to_coco_results
+from retinaops.augmentspec import build_augment
+from retinaops.progress import ProgressPoster
 from retinaops.spec import JobSpec
 from retinaops.storage import (
     download_dir,
@@ -86,6 +89,16 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def build_optimizer(params: list[torch.nn.Parameter], spec: JobSpec) -> torch.optim.Optimizer:
+    """SGD with momentum or AdamW at the spec's LR scaled to the global batch. AdamW is the fused
+    kernel (CPU and CUDA): one pass over the weights instead of a dozen, 15% of a CPU step saved on
+    a ResNet-18 at 128 px."""
+    t = spec.train
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=spec.effective_lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return torch.optim.AdamW(params, lr=spec.effective_lr, weight_decay=t.weight_decay, fused=True)
+
+
 def lr_factor(it: int, *, spec: JobSpec, iters_per_epoch: int) -> float:
     """Multiplier of the effective LR at iteration `it`: warm-up, then the step or cosine schedule."""
     t = spec.train
@@ -113,11 +126,14 @@ def _amp_settings(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | No
     return (torch.bfloat16, False) if amp == "bf16" else (torch.float16, True)
 
 
-def load_datasets(spec: JobSpec, data: dict[str, str], cache_dir: str, endpoint: str | None):
-    """Train and val datasets from resolved locations (local, or s3:// copied into cache_dir)."""
+def load_datasets(spec: JobSpec, data: dict[str, str], cache_dir: str, endpoint: str | None, rank: int = 0):
+    """Train and val datasets from resolved locations (local, or s3:// copied into cache_dir).
+
+    Only train is augmented; its transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
     local = {k: str(materialize(v, cache_dir, endpoint)) for k, v in data.items()}
-    flip = RandomHorizontalFlip(spec.data.hflip) if spec.data.hflip > 0 else None
-    train = CocoDataset(local["train_annotations"], local["train_images"], transform=flip, check_images=False)
+    d, max_size = spec.data, spec.detector_config().max_size
+    aug = build_augment(d.augment, hflip=d.hflip, max_size=max_size, seed=spec.train.seed, rank=rank)
+    train = CocoDataset(local["train_annotations"], local["train_images"], transform=aug, check_images=False)
     val = CocoDataset(local["val_annotations"], local["val_images"], check_images=False)
     return train, val
 
@@ -134,8 +150,8 @@ def evaluate_distributed(
 ):
     """Each rank predicts its shard (every world-th image); rank 0 gathers and runs pycocotools."""
     indices = list(range(len(dataset)))[: max_images or None]
-    shard = torch.utils.data.Subset(dataset, indices[rank::world])
-    loader = DataLoader(shard, batch_size=batch_size, collate_fn=collate)
+    batches = same_size_batches(dataset.image_sizes, batch_size, indices[rank::world])
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
     results: list[dict] = []
     model.eval()
     with torch.inference_mode():
@@ -224,7 +240,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     _seed_everything(t.seed * 1000 + rank)
 
-    train_ds, val_ds = load_datasets(spec, config["data"], config["cache_dir"], config.get("s3_endpoint"))
+    train_ds, val_ds = load_datasets(
+        spec, config["data"], config["cache_dir"], config.get("s3_endpoint"), rank
+    )
     model = RetinaNet(RetinaNetConfig.from_dict(config["model"]))
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm that trains must agree
@@ -233,6 +251,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     ddp_model = ray.train.torch.prepare_model(model)
     net: RetinaNet = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
+    net.resize_in_training = spec.data.augment.resize is None  # multi-scale images come resized
 
     loader = DataLoader(
         train_ds,
@@ -246,11 +265,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     loader = ray.train.torch.prepare_data_loader(loader)
     iters_per_epoch = min(len(loader), t.max_steps_per_epoch or len(loader))
     params = [p for p in net.parameters() if p.requires_grad]
-    lr = spec.effective_lr
-    if t.optimizer == "sgd":
-        optimizer = torch.optim.SGD(params, lr=lr, momentum=t.momentum, weight_decay=t.weight_decay)
-    else:
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
+    optimizer = build_optimizer(params, spec)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: lr_factor(it, spec=spec, iters_per_epoch=iters_per_epoch)
     )
@@ -258,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     guard = NonFiniteGuard(t.max_nonfinite_steps)
+    progress = ProgressPoster(config.get("progress"), t, steps=iters_per_epoch)  # posts on rank 0 only
     start_epoch, step = 0, 0
     resumed_from = -1  # the epoch training (re)started at after a restore; -1: a fresh start
     checkpoint = ray.train.get_checkpoint()
@@ -270,9 +286,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(start_epoch, t.epochs):
         if hasattr(loader, "sampler") and hasattr(loader.sampler, "set_epoch"):
             loader.sampler.set_epoch(epoch)
+        train_ds.transform.set_epoch(epoch)  # before iter(loader): persistent workers read it then
         ddp_model.train()
         sums = torch.zeros(3, device=device)  # classification, bbox_regression, images
         skipped_before, good_steps = guard.skipped, 0
+        progress.start_epoch(epoch)
         started = time.perf_counter()
         for i, (images, targets) in enumerate(loader):
             if i >= iters_per_epoch:
@@ -299,6 +317,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scheduler.step()
             step += 1
             good_steps += 1
+            progress.step(loss, len(images), global_step=step)
             sums += torch.stack(
                 [
                     losses["classification"].detach().float(),
@@ -352,6 +371,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             shared = [metrics]
             dist.broadcast_object_list(shared, src=0)
             metrics = shared[0]
+        progress.end_epoch(metrics)
 
         if rank == 0 and save_now:
             with tempfile.TemporaryDirectory() as tmp:

@@ -27,6 +27,8 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 
 from retinanet import RetinaNetConfig  # noqa: E402
 from retinanet.data import load_coco, make_synthetic_coco  # noqa: E402
+from retinanet.data.synth import recorded_params, synth_params  # noqa: E402
+from retinaops.progress import ProgressDisplay, follow_progress  # noqa: E402
 from retinaops.settings import Settings, redact  # noqa: E402
 from retinaops.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
 from retinaops.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
@@ -83,12 +85,27 @@ def prepare_job(spec: JobSpec, settings: Settings) -> PreparedJob:
     """Everything that can fail before Ray starts: data paths, COCO validation, the model config."""
     spec = spec.with_absolute_paths()  # workers run in other folders
     if spec.data.root is not None and spec.data.synth is not None and not is_s3(spec.data.root):
-        root = Path(spec.data.root)
+        root, s = Path(spec.data.root), spec.data.synth
+        wanted = synth_params(s.train, s.val, s.classes, s.size, s.seed, s.object_sizes)
         if not (root / "train.json").is_file():
-            s = spec.data.synth
             logger.info("generating the synthetic dataset in %s", root)
             make_synthetic_coco(
-                root, num_train=s.train, num_val=s.val, num_classes=s.classes, image_size=s.size, seed=s.seed
+                root,
+                num_train=s.train,
+                num_val=s.val,
+                num_classes=s.classes,
+                image_size=s.size,
+                seed=s.seed,
+                object_sizes=s.object_sizes,
+            )
+        elif (found := recorded_params(root)) != wanted:
+            made = ", ".join(f"{k}={v}" for k, v in found.items()) if found else "settings it does not record"
+            raise SpecError(
+                spec.source,
+                [
+                    f"data.root: {root} holds a synthetic set made with {made}, not the data.synth of this "
+                    "spec; delete the folder to generate it anew, or set another data.root"
+                ],
             )
     check_data_paths(spec)
     data = data_locations(spec)
@@ -143,7 +160,9 @@ def ensure_ray(settings: Settings) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def build_trainer(job: PreparedJob, settings: Settings, *, name: str, callbacks: list) -> TorchTrainer:
+def build_trainer(
+    job: PreparedJob, settings: Settings, *, name: str, callbacks: list, progress: Any = None
+) -> TorchTrainer:
     spec = job.spec
     storage = StorageLocation(
         spec.storage.path or settings.storage_path, spec.storage.endpoint or settings.s3_endpoint
@@ -156,6 +175,7 @@ def build_trainer(job: PreparedJob, settings: Settings, *, name: str, callbacks:
         "data": job.data,
         "cache_dir": str(settings.data_cache),
         "s3_endpoint": storage.endpoint,
+        "progress": progress,  # a ProgressBoard for rank 0's posts (progress.py), or None
     }
     return TorchTrainer(
         train_loop_per_worker,
@@ -275,9 +295,12 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     run_id = tracker.start_run(spec.tracking.experiment, run_name, params=params, tags=run_tags(job))
     logger.info("MLflow run %s in experiment %r at %s", run_id, spec.tracking.experiment, tracking_uri)
     callback = MLflowCallback(tracking_uri, run_id, journal_root)
-    trainer = build_trainer(job, settings, name=f"{run_name}-{run_id[:8]}", callbacks=[callback])
+    step_tracker = Tracker(tracking_uri, journal_root=journal_root, writer="progress")  # from its own thread
     try:
-        result = trainer.fit()
+        with follow_progress(ProgressDisplay(), step_tracker, run_id) as board:
+            name = f"{run_name}-{run_id[:8]}"
+            trainer = build_trainer(job, settings, name=name, callbacks=[callback], progress=board)
+            result = trainer.fit()
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end_run(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")

@@ -21,6 +21,7 @@ from ray.train import ControllerError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from retinanet import RetinaNetConfig
+from retinaops.progress import ProgressDisplay, follow_progress
 from retinaops.registry import TRIAL_PARAM_PREFIX
 from retinaops.settings import Settings
 from retinaops.spec import JobSpec, apply_overrides
@@ -80,13 +81,17 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         if existing is None:
             tracker.log_params(run_id, job.spec.flat_params())
             tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
-        trainer = build_trainer(
-            job,
-            context.settings,
-            name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
-            callbacks=[MLflowCallback(context.tracking_uri, run_id), TuneReportCallback()],
-        )
-        result = trainer.fit()
+        # The trial's stderr is no terminal: one progress line per epoch, which Ray echoes to the sweep's driver.
+        display = ProgressDisplay(label=f"trial {trial_id} ")
+        with follow_progress(display, Tracker(context.tracking_uri, writer="progress"), run_id) as board:
+            trainer = build_trainer(
+                job,
+                context.settings,
+                name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
+                callbacks=[MLflowCallback(context.tracking_uri, run_id), TuneReportCallback()],
+                progress=board,
+            )
+            result = trainer.fit()
     except Exception as exc:
         fail_trial(tracker, run_id, exc)
         raise

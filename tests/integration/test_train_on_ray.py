@@ -34,6 +34,7 @@ def small_spec(shapes, **sections):
             "warmup_iters": 5,
             "schedule": "cosine",
             "latency_iters": 3,
+            "log_every_steps": 2,  # 24 images / (2 workers x 2): 6 steps per epoch, 18 in all
         },
         "scaling": {"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
         "tracking": {"experiment": "it-train"},
@@ -132,6 +133,13 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
     assert steps == [0, 1, 2]  # ... and one run holds the whole history
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")]
     assert max(resumed) >= 1  # resumed from the epoch-0 checkpoint, not from scratch
+
+    # The training loss every 2 steps at the global step, the epochs redone after the restart included;
+    # the driver (stderr not a terminal) printed one progress line per epoch.
+    loss_steps = client.get_metric_history(run.info.run_id, "loss_step")
+    assert sorted({m.step for m in loss_steps}) == list(range(2, 19, 2)), loss_steps
+    assert all(m.value > 0 for m in loss_steps)
+    assert "epoch 3/3: 6/6 steps, loss " in err
 
     # Checkpoints are on the S3 endpoint, each complete.
     keys = [o["Key"] for o in s3_client.list_objects_v2(Bucket="checkpoints", Prefix="it-train/")["Contents"]]

@@ -71,3 +71,46 @@ def test_config_round_trips_through_a_plain_dict():
     cfg = RetinaNetConfig(backbone="resnet18", anchor_scales=[1.0, 1.5], focal_alpha=None)
     assert RetinaNetConfig.from_dict(cfg.to_dict()) == cfg
     assert isinstance(cfg.anchor_scales, tuple)
+
+
+def test_group_norm_backbone_normalises_body_and_fpn_per_image_and_trains():
+    import torch
+    from torch import nn
+
+    from retinanet import RetinaNet
+
+    config = RetinaNetConfig(
+        backbone="resnet18",
+        num_classes=2,
+        backbone_norm="group_norm",
+        fpn_channels=64,
+        min_size=64,
+        max_size=64,
+    )
+    model = RetinaNet(config)
+    assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.backbone.modules())
+    fpn_norms = [m for m in model.backbone.fpn.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(fpn_norms) == 6  # a 1x1 lateral and a 3x3 output conv for each of C3-C5
+    images = [torch.rand(3, 64, 64), torch.rand(3, 64, 64)]
+    targets = [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([1])}] * 2
+    sum(model(images, targets).values()).backward()
+    assert model.backbone.body.conv1.weight.grad is not None
+    model.eval()  # per-image statistics: an image's detections do not depend on its batch
+    with torch.no_grad():
+        alone, batched = model(images[:1])[0], model(images)[0]
+    torch.testing.assert_close(alone["scores"], batched["scores"])
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        (
+            {"backbone_weights": "r18.pth"},
+            "backbone_norm: expected frozen, batch or auto with backbone_weights",
+        ),
+        ({"fpn_channels": 48}, "fpn_channels: expected a multiple of 32 with backbone_norm=group_norm"),
+    ],
+)
+def test_group_norm_backbone_refuses_batchnorm_weights_and_odd_channels(changes, message):
+    with pytest.raises(ValueError, match=message):
+        RetinaNetConfig(backbone_norm="group_norm", **changes)

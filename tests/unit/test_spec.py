@@ -198,6 +198,13 @@ def test_name_must_be_a_slug():
     fails(r"name: expected letters, digits, '_', '\.' or '-' only, got 'my job'", name="my job")
 
 
+def test_log_every_steps_is_a_count_of_steps_and_0_turns_it_off():
+    assert (
+        make().train.log_every_steps == 10 and make(train={"log_every_steps": 0}).train.log_every_steps == 0
+    )
+    fails(r"train\.log_every_steps: must be >= 0, got -1", train={"log_every_steps": -1})
+
+
 # -- impossible combinations -----------------------------------------------------------------------------
 
 
