@@ -72,6 +72,22 @@ def _fail_fast() -> Iterator[None]:
                 os.environ[key] = value
 
 
+@contextmanager
+def _global_uri(uri: str) -> Iterator[None]:
+    """mlflow's module-level calls (log_model, register_model, download) at `uri`. MLflow's
+    set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ; it is put back afterwards, so a
+    command's settings (and its child processes') are not changed behind its back."""
+    saved = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("MLFLOW_TRACKING_URI", None)
+        else:
+            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
 class Tracker:
     """A thin, retrying MLflow client bound to one tracking URI.
 
@@ -257,8 +273,7 @@ class Tracker:
         return None
 
     def _log_model(self, run_id: str, model_file: str, name: str) -> str:
-        mlflow.set_tracking_uri(self.tracking_uri)
-        with mlflow.start_run(run_id=run_id):
+        with _global_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=RetinaNetPyfunc(),
@@ -276,10 +291,10 @@ class Tracker:
 
     def register_model(self, model_uri: str, name: str, tags: Mapping[str, str]) -> str:
         """A new version of registered model `name` (created if missing) from model_uri; returns the version."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        version = with_retries(
-            lambda: mlflow.register_model(model_uri, name, tags=dict(tags)), "register model"
-        )
+        with _global_uri(self.tracking_uri):
+            version = with_retries(
+                lambda: mlflow.register_model(model_uri, name, tags=dict(tags)), "register model"
+            )
         return str(version.version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
@@ -306,11 +321,11 @@ class Tracker:
 
     def download_model(self, model_uri: str, dst: str | Path) -> str:
         """The files of a logged or registered model (runs:/, models:/) in dst; returns the local folder."""
-        mlflow.set_tracking_uri(self.tracking_uri)
-        return with_retries(
-            lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)),
-            "download model",
-        )
+        with _global_uri(self.tracking_uri):
+            return with_retries(
+                lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)),
+                "download model",
+            )
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:

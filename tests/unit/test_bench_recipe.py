@@ -27,3 +27,9 @@ def test_tiny_run_trains_variants_with_the_same_steps_and_writes_the_table(tmp_p
     assert {r["name"] for r in results["speed"]} == {name for name, _, _ in SPEED_VARIANTS}
     table = (tmp_path / "RECIPE.md").read_text()
     assert "| 48 images | `data.synth.train=48` |" in table and "| pad to 128 |" in table
+    # --speed-only times the speed levers again (alone, on a quiet machine) into the same files.
+    before = json.loads((tmp_path / "recipe.json").read_text())
+    assert main(["--tiny", "--speed-only", "--out", str(tmp_path), "--cache", str(tmp_path / "cache")]) == 0
+    after = json.loads((tmp_path / "recipe.json").read_text())
+    assert after["runs"] == before["runs"] and "speed_load" in after
+    assert "| 48 images |" in (tmp_path / "RECIPE.md").read_text()

@@ -163,3 +163,12 @@ def test_promote_refusal_is_a_one_line_error_naming_both_intervals(tracker, tmp_
     err = capsys.readouterr().err
     assert err.startswith("retinaops: error: cli: candidate trial b AP 0.5200 [0.4700, 0.5700] overlaps")
     assert "champion version 1 AP 0.5000 [0.4500, 0.5500]" in err and "--force promotes anyway" in err
+
+
+def test_registering_a_model_leaves_the_environment_as_it_was(tracker, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    name = sweep(tracker, tmp_path, "env-1", a={"AP": 0.50, "AP_lo": 0.45, "AP_hi": 0.55, "latency_ms": 30.0})
+    promote(tracker, EXPERIMENT, name, Rule.parse("max AP"), "env-model")
+    assert "MLFLOW_TRACKING_URI" not in os.environ  # MLflow's set_tracking_uri writes it; we put it back
