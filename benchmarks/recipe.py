@@ -79,6 +79,7 @@ def _spec(overrides: list[str], base: list[str]):
 
 def _data_dir(spec, cache: Path) -> Path:
     """The spec's synthetic set under cache, generated once per distinct data.synth."""
+    from benchmarks.learn import synth_kwargs
     from retinanet.data import make_synthetic_coco
 
     s = spec.data.synth
@@ -87,15 +88,7 @@ def _data_dir(spec, cache: Path) -> Path:
     )
     root = cache / key
     if not (root / "val.json").is_file():
-        make_synthetic_coco(
-            root,
-            num_train=s.train,
-            num_val=s.val,
-            num_classes=s.classes,
-            image_size=s.size,
-            seed=s.seed,
-            object_sizes=s.object_sizes,
-        )
+        make_synthetic_coco(root, **synth_kwargs(s))
     return root
 
 
