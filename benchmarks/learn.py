@@ -35,13 +35,11 @@ from benchmarks.learn_models import IMPLS, remaining_differences, train_process
 from benchmarks.learn_report import plot, render, summarize
 from benchmarks.timing import machine
 from retinanet.data import CocoDataset, make_synthetic_coco
-from retinaops.spec import JobSpec, SynthSpec, apply_overrides, load_spec
+from retinaops.spec import JobSpec, apply_overrides, load_spec
 
 logger = logging.getLogger("benchmarks.learn")
 OUT_DIR = Path(__file__).resolve().parent
 REPO = OUT_DIR.parent
-# SynthSpec field -> make_synthetic_coco argument where the names differ; other fields pass by name.
-SYNTH_ARGS = {"train": "num_train", "val": "num_val", "classes": "num_classes", "size": "image_size"}
 TINY = {  # a few 64 px images, batch 2 in one worker: the whole pipeline in well under a minute
     "data.synth.train": 6,
     "data.synth.val": 3,
@@ -52,13 +50,6 @@ TINY = {  # a few 64 px images, batch 2 in one worker: the whole pipeline in wel
     "train.warmup_iters": 1,
     "scaling.num_workers": 1,
 }
-
-
-def synth_kwargs(synth: SynthSpec) -> dict[str, Any]:
-    """make_synthetic_coco's arguments from every field of data.synth (lists as the tuples it takes)."""
-    return {
-        SYNTH_ARGS.get(k, k): tuple(v) if isinstance(v, list) else v for k, v in synth.model_dump().items()
-    }
 
 
 def batch_plan(num_images: int, batch_size: int, epochs: int, seed: int) -> list[list[int]]:
@@ -156,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-learn-") as tmp_name:
         tmp = Path(tmp_name)
         if spec.data.synth is not None:
-            make_synthetic_coco(tmp / "data", **synth_kwargs(spec.data.synth))
+            make_synthetic_coco(tmp / "data", **spec.data.synth.arguments())
             spec = JobSpec.from_dict(
                 apply_overrides(spec.to_dict(), {"data.root": str(tmp / "data")}), spec.source
             )

@@ -79,7 +79,6 @@ def _spec(overrides: list[str], base: list[str]):
 
 def _data_dir(spec, cache: Path) -> Path:
     """The spec's synthetic set under cache, generated once per distinct data.synth."""
-    from benchmarks.learn import synth_kwargs
     from retinanet.data import make_synthetic_coco
 
     s = spec.data.synth
@@ -88,7 +87,7 @@ def _data_dir(spec, cache: Path) -> Path:
     )
     root = cache / key
     if not (root / "val.json").is_file():
-        make_synthetic_coco(root, **synth_kwargs(s))
+        make_synthetic_coco(root, **s.arguments())
     return root
 
 

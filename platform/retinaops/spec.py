@@ -40,6 +40,7 @@ from retinaops.specpaths import (
 )
 from retinaops.specpaths import error_lines as error_lines_at
 from retinaops.sweepspec import SweepSpec, space_issues
+from retinaops.synthspec import SynthSpec
 
 __all__ = ["JobSpec", "SpecError", "apply_overrides", "check_data_paths", "load_spec", "parse_overrides"]
 
@@ -68,15 +69,6 @@ def _no_password(path: tuple[str, ...], uri: str | None) -> list[Issue]:
 class SplitSpec(Section):
     annotations: str = Field(description="COCO instances JSON: a local path or s3://bucket/key.")
     images: str = Field(description="Folder the file_names in annotations are relative to.")
-
-
-class SynthSpec(Section):
-    train: int = Field(64, ge=1, description="Synthetic training images.")
-    val: int = Field(16, ge=1, description="Synthetic validation images.")
-    classes: int = Field(3, ge=1, le=8, description="Shape classes; model.num_classes must match.")
-    size: int = Field(256, ge=64, description="Image side in pixels.")
-    seed: int = Field(0, ge=0, description="Seed of the generator: same seed, same images.")
-    object_sizes: list[int] | None = Field(None, min_length=2, max_length=2, description="[low, high] sides")
 
 
 class DataSpec(Section):

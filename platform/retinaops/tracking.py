@@ -1,7 +1,8 @@
 """MLflow: runs, params, per-epoch metrics, artifacts and the logged model. The only module that imports mlflow.
 
 One process writes each run: the driver creates it and logs params, artifacts and the model; a
-Ray Train callback on the Train controller logs every epoch's metrics. Workers never talk to MLflow.
+Ray Train callback on the Train controller (`traincallback.py`) logs every epoch's metrics. Workers never
+talk to MLflow.
 
 A Tracker with a journal root never lets an unreachable server stop training: a write that fails
 goes to the run's journal (`journal.py`, a local file) and is replayed, in order and with backoff,
@@ -22,9 +23,8 @@ from typing import Any, TypeVar
 import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
-from ray.train import UserCallback
 
-from retinaops.journal import Backoff, Journal, default_journal_root
+from retinaops.journal import Backoff, Journal
 from retinaops.retry import retry
 from retinaops.serving import RetinaNetPredict, pip_requirements
 
@@ -59,9 +59,9 @@ def unreachable(exc: BaseException) -> bool:
 
 
 @contextmanager
-def _fail_fast() -> Iterator[None]:
-    saved = {k: os.environ.get(k) for k in _FAIL_FAST}
-    os.environ.update(_FAIL_FAST)
+def _environ_restored(*keys: str) -> Iterator[None]:
+    """Whatever the block does to these environment variables is undone when it ends."""
+    saved = {k: os.environ.get(k) for k in keys}
     try:
         yield
     finally:
@@ -73,19 +73,19 @@ def _fail_fast() -> Iterator[None]:
 
 
 @contextmanager
-def _global_uri(uri: str) -> Iterator[None]:
-    """mlflow's module-level calls (log_model, register_model, download) at `uri`. MLflow's
-    set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ; it is put back afterwards, so a
-    command's settings (and its child processes') are not changed behind its back."""
-    saved = os.environ.get("MLFLOW_TRACKING_URI")
-    mlflow.set_tracking_uri(uri)
-    try:
+def _fail_fast() -> Iterator[None]:
+    with _environ_restored(*_FAIL_FAST):
+        os.environ.update(_FAIL_FAST)
         yield
-    finally:
-        if saved is None:
-            os.environ.pop("MLFLOW_TRACKING_URI", None)
-        else:
-            os.environ["MLFLOW_TRACKING_URI"] = saved
+
+
+@contextmanager
+def _global_uri(uri: str) -> Iterator[None]:
+    """mlflow's module-level calls (log_model, register_model, download) at `uri`; MLflow's
+    set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which is put back afterwards."""
+    with _environ_restored("MLFLOW_TRACKING_URI"):
+        mlflow.set_tracking_uri(uri)
+        yield
 
 
 class Tracker:
@@ -337,49 +337,6 @@ def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
         if math.isfinite(value):
             out[key] = float(value)
     return out
-
-
-class MLflowCallback(UserCallback):
-    """Runs on the Ray Train controller: logs rank 0's report of every epoch to one MLflow run.
-
-    After a worker failure Ray restarts the workers from the latest checkpoint; the controller,
-    and so this callback and its run, carry on: one run holds the whole history.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, journal_root: str | Path | None = None) -> None:
-        self.tracking_uri = tracking_uri
-        self.run_id = run_id
-        # Decided here, on the driver: the controller's environment may lack RETINAOPS_HOME.
-        self.journal_root = str(journal_root or default_journal_root())
-        self._tracker: Tracker | None = None
-        self.num_failures = 0
-
-    @property
-    def tracker(self) -> Tracker:
-        if self._tracker is None:
-            self._tracker = Tracker(self.tracking_uri, journal_root=self.journal_root, writer="controller")
-        return self._tracker
-
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        report = metrics[0]
-        step = int(report.get("epoch", 0))
-        try:
-            self.tracker.log_metrics(self.run_id, report, step)
-            if checkpoint is not None:
-                self.tracker.set_tags(
-                    self.run_id, {"checkpoint.latest": checkpoint.path, "epoch.latest": step}
-                )
-        except Exception:  # tracking trouble must never stop training
-            logger.exception("could not log epoch %d to MLflow run %s", step, self.run_id)
-
-    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
-        self.num_failures += 1
-        first = next(iter(worker_exceptions.values()), None)
-        reason = f"{type(first).__name__}: {first}"[:500] if first is not None else "unknown"
-        try:
-            self.tracker.set_tags(self.run_id, {f"failure.{self.num_failures}": reason})
-        except Exception:
-            logger.exception("could not record a worker failure in MLflow run %s", self.run_id)
 
 
 def replay(journal_dir: str | Path, tracking_uri: str | None = None) -> tuple[str, int, int]:

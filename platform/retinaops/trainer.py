@@ -32,8 +32,9 @@ from retinaops.progress import ProgressDisplay, follow_progress  # noqa: E402
 from retinaops.settings import Settings, redact  # noqa: E402
 from retinaops.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
 from retinaops.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
-from retinaops.tracking import MLflowCallback, Tracker  # noqa: E402
+from retinaops.tracking import Tracker  # noqa: E402
 from retinaops.train import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker  # noqa: E402
+from retinaops.traincallback import MLflowCallback  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -85,19 +86,11 @@ def prepare_job(spec: JobSpec, settings: Settings) -> PreparedJob:
     """Everything that can fail before Ray starts: data paths, COCO validation, the model config."""
     spec = spec.with_absolute_paths()  # workers run in other folders
     if spec.data.root is not None and spec.data.synth is not None and not is_s3(spec.data.root):
-        root, s = Path(spec.data.root), spec.data.synth
-        wanted = synth_params(s.train, s.val, s.classes, s.size, s.seed, s.object_sizes)
+        root, arguments = Path(spec.data.root), spec.data.synth.arguments()
+        wanted = synth_params(**arguments)
         if not (root / "train.json").is_file():
             logger.info("generating the synthetic dataset in %s", root)
-            make_synthetic_coco(
-                root,
-                num_train=s.train,
-                num_val=s.val,
-                num_classes=s.classes,
-                image_size=s.size,
-                seed=s.seed,
-                object_sizes=s.object_sizes,
-            )
+            make_synthetic_coco(root, **arguments)
         elif (found := recorded_params(root)) != wanted:
             made = ", ".join(f"{k}={v}" for k, v in found.items()) if found else "settings it does not record"
             raise SpecError(

@@ -26,8 +26,9 @@ from retinaops.registry import TRIAL_PARAM_PREFIX
 from retinaops.settings import Settings
 from retinaops.spec import JobSpec, apply_overrides
 from retinaops.sweepspec import SweepSpec
-from retinaops.tracking import PARENT_TAG, MLflowCallback, Tracker
+from retinaops.tracking import PARENT_TAG, Tracker
 from retinaops.train import EVAL_FILE, MODEL_FILE
+from retinaops.traincallback import MLflowCallback
 from retinaops.trainer import PreparedJob, build_trainer, prepare_job, prune_orphan_checkpoints
 
 logger = logging.getLogger(__name__)

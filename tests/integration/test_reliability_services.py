@@ -24,7 +24,8 @@ from mlflow import MlflowClient
 
 from retinaops.stack import free_port, start_mlflow
 from retinaops.storage import publish_checkpoint, s3_filesystem, verify_checkpoint, write_manifest
-from retinaops.tracking import MLflowCallback, Tracker
+from retinaops.tracking import Tracker
+from retinaops.traincallback import MLflowCallback
 
 REPO = Path(__file__).resolve().parents[2]
 

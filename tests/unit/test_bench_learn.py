@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from benchmarks.learn import batch_plan, eval_steps, synth_kwargs
+from benchmarks.learn import batch_plan, eval_steps
 from benchmarks.learn_models import remaining_differences, torchvision_retinanet
 from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import make_synthetic_coco
@@ -13,7 +13,7 @@ from retinaops.spec import SynthSpec
 
 
 def test_every_synth_field_reaches_make_synthetic_coco_by_name():
-    kwargs = synth_kwargs(SynthSpec(train=5, val=2, classes=2, size=64, seed=3))
+    kwargs = SynthSpec(train=5, val=2, classes=2, size=64, seed=3).arguments()
     accepted = inspect.signature(make_synthetic_coco).parameters
     assert set(kwargs) <= set(accepted)
     assert kwargs["num_train"] == 5 and kwargs["image_size"] == 64 and kwargs["seed"] == 3

@@ -1,0 +1,57 @@
+"""The Ray Train side of tracking: a callback on the Train controller that logs every epoch to MLflow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from ray.train import UserCallback
+
+from retinaops.journal import default_journal_root
+from retinaops.tracking import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+class MLflowCallback(UserCallback):
+    """Runs on the Ray Train controller: logs rank 0's report of every epoch to one MLflow run.
+
+    After a worker failure Ray restarts the workers from the latest checkpoint; the controller,
+    and so this callback and its run, carry on: one run holds the whole history.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, journal_root: str | Path | None = None) -> None:
+        self.tracking_uri = tracking_uri
+        self.run_id = run_id
+        # Decided here, on the driver: the controller's environment may lack RETINAOPS_HOME.
+        self.journal_root = str(journal_root or default_journal_root())
+        self._tracker: Tracker | None = None
+        self.num_failures = 0
+
+    @property
+    def tracker(self) -> Tracker:
+        if self._tracker is None:
+            self._tracker = Tracker(self.tracking_uri, journal_root=self.journal_root, writer="controller")
+        return self._tracker
+
+    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+        report = metrics[0]
+        step = int(report.get("epoch", 0))
+        try:
+            self.tracker.log_metrics(self.run_id, report, step)
+            if checkpoint is not None:
+                self.tracker.set_tags(
+                    self.run_id, {"checkpoint.latest": checkpoint.path, "epoch.latest": step}
+                )
+        except Exception:  # tracking trouble must never stop training
+            logger.exception("could not log epoch %d to MLflow run %s", step, self.run_id)
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        self.num_failures += 1
+        first = next(iter(worker_exceptions.values()), None)
+        reason = f"{type(first).__name__}: {first}"[:500] if first is not None else "unknown"
+        try:
+            self.tracker.set_tags(self.run_id, {f"failure.{self.num_failures}": reason})
+        except Exception:
+            logger.exception("could not record a worker failure in MLflow run %s", self.run_id)
