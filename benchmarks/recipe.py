@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from retinanet.ap_interval import overlaps
+
 ROOT = Path(__file__).resolve().parent.parent
 SPEC = ROOT / "jobs" / "demo_sweep.yaml"
 
@@ -221,7 +223,7 @@ def report(results: dict[str, Any]) -> str:
     ]
     for r in runs:
         f = r["per_epoch"][-1]
-        overlap = f["AP_lo"] <= recipe["AP_hi"] and recipe["AP_lo"] <= f["AP_hi"]
+        overlap = overlaps((f["AP_lo"], f["AP_hi"]), (recipe["AP_lo"], recipe["AP_hi"]))
         verdict = (
             "-"
             if r is runs[0]
