@@ -6,8 +6,8 @@
 The recipe and the data come from a job spec (`--spec`, default jobs/demo.yaml) read with the platform's
 `load_spec`: data.synth is generated into a temporary folder, model is our RetinaNetConfig (torchvision's
 model is built to match it, `benchmarks.learn_models`), train gives the optimiser, the LR scaled to the
-global batch (JobSpec.effective_lr), warm-up and schedule (`retinaops.train.lr_factor`), weight decay and
-clipping; data.hflip and data.augment build the same seeded augmentation (`retinaops.train.load_datasets`).
+global batch (JobSpec.effective_lr), warm-up and schedule (`retinaops.run.worker.lr_factor`), weight decay and
+clipping; data.hflip and data.augment build the same seeded augmentation (`retinaops.run.worker.load_datasets`).
 Each model trains in its own fresh process on one shared list of batches, both at once on their own
 cores (`--parallel`) or one after the other, and is scored on the val split every few steps by our COCO
 path (AP with its bootstrap interval). Writes LEARNING.md, learning.json and learning.png to --out-dir.
@@ -35,7 +35,7 @@ from benchmarks.learn_models import IMPLS, remaining_differences, train_process
 from benchmarks.learn_report import plot, render, summarize
 from benchmarks.timing import machine
 from retinanet.data import CocoDataset, make_synthetic_coco
-from retinaops.spec import JobSpec, apply_overrides, load_spec
+from retinaops.job.spec import JobSpec, apply_overrides, load_spec
 
 logger = logging.getLogger("benchmarks.learn")
 OUT_DIR = Path(__file__).resolve().parent

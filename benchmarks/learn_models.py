@@ -130,9 +130,9 @@ def train_process(job: dict[str, Any], out_path: str) -> None:
     Writes {"impl", "points": [{step, epoch, train_s, AP, AP50, AP_lo, AP_hi, loss, lr, eval_s}], "step_s",
     ...} as JSON to out_path. train_s counts the steps (data, forward, backward, optimiser) and not evaluation.
     """
-    # Imported here: the parent never needs Ray, which retinaops.train imports.
-    from retinaops.spec import JobSpec
-    from retinaops.train import build_optimizer, load_datasets, lr_factor
+    # Imported here: the parent never needs Ray, which retinaops.run.worker imports.
+    from retinaops.job.spec import JobSpec
+    from retinaops.run.worker import build_optimizer, load_datasets, lr_factor
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job['impl']}: %(message)s", datefmt="%X")
     if job["cpus"] and hasattr(os, "sched_setaffinity"):

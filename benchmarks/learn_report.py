@@ -102,7 +102,7 @@ def differences(report: dict[str, Any]) -> list[str]:
         "does each for the whole batch. The speed differs, the definitions do not (beyond the rows above).",
         f"- Batch: each process trains the spec's global batch ({report['batch_size']} = {workers} workers x "
         f"{per_worker}) with its LR; in the platform each worker's BatchNorm normalises over {per_worker} images.",
-        "- Optimiser: the platform's own (`retinaops.train.build_optimizer`) for both.",
+        "- Optimiser: the platform's own (`retinaops.run.worker.build_optimizer`) for both.",
     ]
     notes = [n for n in notes if n]
     return [*rows, "", *notes]
@@ -131,15 +131,15 @@ def recipe(report: dict[str, Any]) -> list[str]:
         budget = "`--steps`, rounded up to whole epochs"
     overrides = ", ".join(f"`{o}`" for o in report["overrides"]) or "none"
     return [
-        f"From `{report['spec_path']}` through `retinaops.spec.load_spec` (overrides: {overrides}):",
+        f"From `{report['spec_path']}` through `retinaops.job.spec.load_spec` (overrides: {overrides}):",
         "",
         f"- Data: {data}; data.hflip {d['hflip']}, data.augment {augment or 'off'}, built by "
-        "`retinaops.train.load_datasets` (seeded per image and epoch: both models see the same pixels).",
+        "`retinaops.run.worker.load_datasets` (seeded per image and epoch: both models see the same pixels).",
         f"- Model: `model` ({', '.join(f'{k} {v}' for k, v in spec['model'].items())}) as our `RetinaNetConfig`; torchvision's RetinaNet built to "
         "match it (`benchmarks/learn_models.py`).",
         f"- Train: {t['optimizer']}, lr {report['lr']:g} ({lr_rule}), weight decay {t['weight_decay']}, warm-up "
         f"{t['warmup_iters']} steps from {t['warmup_factor']} x lr, {t['schedule']} schedule "
-        f"(`retinaops.train.lr_factor`) over {report['steps']} steps = {report['epochs']} epochs x "
+        f"(`retinaops.run.worker.lr_factor`) over {report['steps']} steps = {report['epochs']} epochs x "
         f"{report['iters_per_epoch']}, gradient clipping {clip}, batch {report['batch_size']}, channels_last "
         f"{t['channels_last']}, seed {t['seed']}.",
         f"- Budget: {report['steps']} steps for each model, the same batches in the same order; from {budget}.",

@@ -71,8 +71,8 @@ class Outcome:
 
 def _spec(overrides: list[str], base: list[str]):
     """The demo sweep's spec as one trial (no sweep section) with the overrides applied."""
-    from retinaops.spec import JobSpec, apply_overrides, parse_overrides
-    from retinaops.specpaths import read_yaml
+    from retinaops.job.paths import read_yaml
+    from retinaops.job.spec import JobSpec, apply_overrides, parse_overrides
 
     data = {k: v for k, v in read_yaml(SPEC).items() if k != "sweep"}
     data = apply_overrides(data, parse_overrides([*base, *overrides], "recipe"), "recipe")
@@ -99,8 +99,8 @@ def _build(spec, root: Path, steps_per_epoch: int | None = None):
 
     from retinanet import RetinaNet
     from retinanet.data import CocoDataset, collate
-    from retinaops.augmentspec import build_augment
-    from retinaops.train import build_optimizer, lr_factor
+    from retinaops.job.augment import build_augment
+    from retinaops.run.worker import build_optimizer, lr_factor
 
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)

@@ -17,7 +17,7 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ["RAY_AUTH_MODE"] = "token"
 os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
 
-from retinaops.localstack import load_stack  # noqa: E402
+from retinaops.cluster.stack import load_stack  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 

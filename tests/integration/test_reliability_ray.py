@@ -17,7 +17,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from retinaops.stack import free_port
+from retinaops.cluster.services import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 

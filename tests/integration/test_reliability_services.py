@@ -22,10 +22,10 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from retinaops.stack import free_port, start_mlflow
-from retinaops.storage import publish_checkpoint, s3_filesystem, verify_checkpoint, write_manifest
-from retinaops.tracking import Tracker
-from retinaops.traincallback import MLflowCallback
+from retinaops.cluster.services import free_port, start_mlflow
+from retinaops.cluster.storage import publish_checkpoint, s3_filesystem, verify_checkpoint, write_manifest
+from retinaops.run.callback import MLflowCallback
+from retinaops.tracking.tracker import Tracker
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -174,7 +174,7 @@ def history(client, run_id, key):
 
 KILLED_WRITER = """
 import os, signal, sys
-from retinaops.tracking import Tracker
+from retinaops.tracking.tracker import Tracker
 url, root, run_id = sys.argv[1:]
 tracker = Tracker(url, journal_root=root)
 for epoch in range(3):

@@ -13,8 +13,8 @@ from torch.utils.data import DataLoader, Dataset
 from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import collate, make_synthetic_coco
 from retinanet.data.augment import Augment, ColorJitter, RandomCrop, RandomFlip, ResizeShortestEdge
-from retinaops.augmentspec import AugmentSpec, build_augment
-from retinaops.spec import JobSpec, SpecError, apply_overrides
+from retinaops.job.augment import AugmentSpec, build_augment
+from retinaops.job.spec import JobSpec, SpecError, apply_overrides
 
 H, W = 40, 56
 
@@ -393,8 +393,8 @@ def test_augment_keys_can_be_set_from_the_command_line():
 
 @pytest.mark.slow  # imports Ray
 def test_the_worker_augments_the_train_split_only(tmp_path):
-    from retinaops.train import load_datasets
-    from retinaops.trainer import data_locations
+    from retinaops.run.trainer import data_locations
+    from retinaops.run.worker import load_datasets
 
     root = make_synthetic_coco(tmp_path / "shapes", num_train=2, num_val=2, num_classes=2, image_size=64)
     spec = JobSpec.from_dict(

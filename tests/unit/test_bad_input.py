@@ -14,9 +14,9 @@ from PIL import Image
 
 from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import CocoDataset, collate, load_coco, make_synthetic_coco
-from retinaops.settings import Settings
-from retinaops.spec import JobSpec, SpecError
-from retinaops.trainer import prepare_job
+from retinaops.job.settings import Settings
+from retinaops.job.spec import JobSpec, SpecError
+from retinaops.run.trainer import prepare_job
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]
 

@@ -51,7 +51,7 @@ def test_retinaops_bench_runs_what_make_bench_runs(capfd):
     import argparse
 
     from retinaops.cli import main
-    from retinaops.cli_bench import CHECKOUT, bench_command
+    from retinaops.cli.bench import CHECKOUT, bench_command
 
     default = argparse.Namespace(full=False, cases=None, repeats=None, out=None, list=False)
     command = bench_command(default)

@@ -9,7 +9,7 @@ from benchmarks.learn import batch_plan, eval_steps
 from benchmarks.learn_models import remaining_differences, torchvision_retinanet
 from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import make_synthetic_coco
-from retinaops.spec import SynthSpec
+from retinaops.job.spec import SynthSpec
 
 
 def test_every_synth_field_reaches_make_synthetic_coco_by_name():

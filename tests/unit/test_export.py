@@ -9,7 +9,7 @@ import torch
 
 from retinanet import RetinaNet, RetinaNetConfig
 from retinaops.cli import main
-from retinaops.export import RTOL, check_onnx, export_onnx, onnx_detections, sample_images, session
+from retinaops.tracking.export import RTOL, check_onnx, export_onnx, onnx_detections, sample_images, session
 
 pytestmark = pytest.mark.slow  # an export and an onnxruntime session: a second or two each
 

@@ -21,7 +21,7 @@ from PIL import Image
 
 from retinanet.data import CocoDataset, load_coco
 from retinaops.cli import main
-from retinaops.spec import JobSpec, SpecError, load_spec, spec_paths
+from retinaops.job.spec import JobSpec, SpecError, load_spec, spec_paths
 
 COCO_CASES, SPEC_CASES, YAML_CASES = 200, 200, 100
 FUZZ_CASES = COCO_CASES + SPEC_CASES + YAML_CASES

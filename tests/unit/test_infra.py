@@ -16,9 +16,9 @@ import pytest
 import ray
 import yaml
 
-from retinaops.localstack import env_file_text, load_stack, stack_down, write_private
-from retinaops.spec import JobSpec, load_spec
-from retinaops.stack import Service, boot_id
+from retinaops.cluster.services import Service, boot_id
+from retinaops.cluster.stack import env_file_text, load_stack, stack_down, write_private
+from retinaops.job.spec import JobSpec, load_spec
 
 REPO = Path(__file__).resolve().parents[2]
 INFRA = REPO / "infra"

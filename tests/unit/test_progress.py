@@ -2,7 +2,7 @@
 
 import io
 
-from retinaops.progress import Progress, ProgressDisplay
+from retinaops.run.progress import Progress, ProgressDisplay
 
 
 class Terminal(io.StringIO):

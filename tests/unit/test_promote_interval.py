@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from retinaops.registry import SWEEP_KIND_TAG, Rule, model_versions, promote
-from retinaops.tracking import Tracker
+from retinaops.tracking.registry import SWEEP_KIND_TAG, Rule, model_versions, promote
+from retinaops.tracking.tracker import Tracker
 
 EXPERIMENT = "promote-interval"
 

@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from retinaops.leaderboard import Trial, leaderboard, pareto_front
-from retinaops.registry import Condition, Rule, choose
+from retinaops.tracking.leaderboard import Trial, leaderboard, pareto_front
+from retinaops.tracking.registry import Condition, Rule, choose
 
 
 def trial(name, ap, latency, status="FINISHED", model=True, **params):

@@ -23,9 +23,7 @@ from mlflow.protos.databricks_pb2 import (
 )
 
 from retinanet import RetinaNet, RetinaNetConfig
-from retinaops.journal import Backoff, Journal
-from retinaops.spec import JobSpec, SpecError
-from retinaops.storage import (
+from retinaops.cluster.storage import (
     QUICK_ATTEMPTS,
     RIDE_OUT_ATTEMPTS,
     StorageLocation,
@@ -36,9 +34,11 @@ from retinaops.storage import (
     with_storage_retries,
     write_manifest,
 )
-from retinaops.tracking import unreachable
-from retinaops.train import NonFiniteGuard, NonFiniteLossError
-from retinaops.trainer import check_cluster_resources
+from retinaops.job.spec import JobSpec, SpecError
+from retinaops.run.trainer import check_cluster_resources
+from retinaops.run.worker import NonFiniteGuard, NonFiniteLossError
+from retinaops.tracking.journal import Backoff, Journal
+from retinaops.tracking.tracker import unreachable
 
 TINY = RetinaNetConfig(backbone="resnet18", num_classes=2, min_size=64, max_size=64, fpn_channels=16)
 
@@ -378,8 +378,8 @@ def test_a_cluster_that_may_autoscale_gets_a_warning_not_a_refusal(caplog):
 
 
 def test_a_run_whose_mlflow_writes_are_still_kept_says_where_and_how_to_send_them(capsys, tmp_path):
-    from retinaops.cli_train import _print_outcome
-    from retinaops.trainer import TrainingOutcome
+    from retinaops.cli.train import _print_outcome
+    from retinaops.run.trainer import TrainingOutcome
 
     journal = str(tmp_path / "mlflow-journal" / "abc123")
     outcome = TrainingOutcome(
@@ -392,7 +392,7 @@ def test_a_run_whose_mlflow_writes_are_still_kept_says_where_and_how_to_send_the
 
 
 def test_replaying_a_folder_that_is_no_journal_is_a_clear_error(tmp_path):
-    from retinaops.tracking import replay
+    from retinaops.tracking.tracker import replay
 
     with pytest.raises(
         ValueError,
@@ -402,7 +402,7 @@ def test_replaying_a_folder_that_is_no_journal_is_a_clear_error(tmp_path):
 
 
 def test_replay_asks_for_a_tracking_uri_whose_credentials_were_never_written_down(tmp_path):
-    from retinaops.tracking import Tracker, replay
+    from retinaops.tracking.tracker import Tracker, replay
 
     tracker = Tracker("http://alice:s3cretpw@127.0.0.1:1", journal_root=tmp_path)
     tracker.journal("run9").append("end", {"status": "FINISHED", "end_time": 1}, tracking_uri=tracker._uri())
@@ -414,8 +414,8 @@ def test_replay_asks_for_a_tracking_uri_whose_credentials_were_never_written_dow
 
 
 def test_a_run_ending_with_writes_still_kept_warns_where_they_are_without_the_uri_password(tmp_path, caplog):
-    from retinaops.tracking import Tracker
-    from retinaops.trainer import where_kept
+    from retinaops.run.trainer import where_kept
+    from retinaops.tracking.tracker import Tracker
 
     tracker = Tracker("http://alice:s3cretpw@127.0.0.1:1", journal_root=tmp_path)
     assert where_kept(tracker, "run9") is None

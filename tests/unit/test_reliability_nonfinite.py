@@ -11,10 +11,10 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retinanet.data import make_synthetic_coco
-from retinaops.settings import Settings
-from retinaops.spec import JobSpec
-from retinaops.train import NonFiniteLossError, train_loop_per_worker
-from retinaops.trainer import prepare_job
+from retinaops.job.settings import Settings
+from retinaops.job.spec import JobSpec
+from retinaops.run.trainer import prepare_job
+from retinaops.run.worker import NonFiniteLossError, train_loop_per_worker
 
 pytestmark = pytest.mark.slow
 

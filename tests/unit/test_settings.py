@@ -4,8 +4,8 @@ import dataclasses
 
 import pytest
 
-from retinaops.settings import Settings, redact
-from retinaops.spec import JobSpec
+from retinaops.job.settings import Settings, redact
+from retinaops.job.spec import JobSpec
 
 SECRETS = {
     "AWS_SECRET_ACCESS_KEY": "s3cr3t-value",

@@ -8,7 +8,14 @@ import numpy as np
 import pytest
 
 from retinanet.config import RetinaNetConfig
-from retinaops.spec import JobSpec, SpecError, apply_overrides, check_data_paths, load_spec, parse_overrides
+from retinaops.job.spec import (
+    JobSpec,
+    SpecError,
+    apply_overrides,
+    check_data_paths,
+    load_spec,
+    parse_overrides,
+)
 
 JOBS = sorted((Path(__file__).parents[2] / "jobs").glob("*.yaml"))
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from retinaops.cli import main
-from retinaops.jobs import (
+from retinaops.cluster.jobs import (
     CODE,
     ClusterAccessError,
     _address_as_given,
@@ -23,7 +23,7 @@ from retinaops.jobs import (
     runtime_env,
     token_source,
 )
-from retinaops.spec import SpecError
+from retinaops.job.spec import SpecError
 
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SETTINGS = {

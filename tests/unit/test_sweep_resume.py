@@ -12,8 +12,8 @@ from ray.train.v2._internal.exceptions import UserExceptionWithTraceback
 from ray.tune.schedulers import TrialScheduler
 
 from retinanet.data.transforms import resize
-from retinaops.sweep import ResumableASHA
-from retinaops.trial import TRIAL_TAG, exception_line, failure_reason
+from retinaops.run.sweep import ResumableASHA
+from retinaops.run.trial import TRIAL_TAG, exception_line, failure_reason
 
 
 def worker_failure(exc_factory) -> UserExceptionWithTraceback:
@@ -66,7 +66,7 @@ def test_exception_line_of_chained_tracebacks_is_the_one_raised_last():
 
 @pytest.fixture
 def tracker(tmp_path):
-    from retinaops.tracking import Tracker
+    from retinaops.tracking.tracker import Tracker
 
     return Tracker(f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts"))
 

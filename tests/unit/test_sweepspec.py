@@ -3,7 +3,7 @@ search, objectives and scheduler fit together."""
 
 import pytest
 
-from retinaops.spec import JobSpec, SpecError, spec_paths
+from retinaops.job.spec import JobSpec, SpecError, spec_paths
 
 BASE = {"data": {"root": "d"}, "model": {"num_classes": 3}, "train": {"epochs": 3, "schedule": "cosine"}}
 PAIR = [{"metric": "AP", "mode": "max"}, {"metric": "latency_ms", "mode": "min"}]

@@ -24,9 +24,9 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
-from retinaops.journal import Backoff, Journal
 from retinaops.retry import retry
-from retinaops.serving import RetinaNetPredict, pip_requirements
+from retinaops.tracking.journal import Backoff, Journal
+from retinaops.tracking.serving import RetinaNetPredict, pip_requirements
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -283,7 +283,7 @@ class Tracker:
         return info.model_uri
 
     def _uri(self) -> str:
-        from retinaops.settings import redact
+        from retinaops.job.settings import redact
 
         return redact(self.tracking_uri)
 

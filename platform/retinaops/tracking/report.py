@@ -41,7 +41,7 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
     from retinanet import RetinaNet
     from retinanet.data import CocoDataset
     from retinanet.draw import draw_detections
-    from retinaops.storage import materialize
+    from retinaops.cluster.storage import materialize
 
     data = job.data
     cache = Path(model_file).parent

@@ -21,15 +21,15 @@ from ray.train import ControllerError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from retinanet import RetinaNetConfig
-from retinaops.progress import ProgressDisplay, follow_progress
-from retinaops.registry import TRIAL_PARAM_PREFIX
-from retinaops.settings import Settings
-from retinaops.spec import JobSpec, apply_overrides
-from retinaops.sweepspec import SweepSpec
-from retinaops.tracking import PARENT_TAG, Tracker
-from retinaops.train import EVAL_FILE, MODEL_FILE
-from retinaops.traincallback import MLflowCallback
-from retinaops.trainer import PreparedJob, build_trainer, prepare_job, prune_orphan_checkpoints
+from retinaops.job.settings import Settings
+from retinaops.job.space import SweepSpec
+from retinaops.job.spec import JobSpec, apply_overrides
+from retinaops.run.callback import MLflowCallback
+from retinaops.run.progress import ProgressDisplay, follow_progress
+from retinaops.run.trainer import PreparedJob, build_trainer, prepare_job, prune_orphan_checkpoints
+from retinaops.run.worker import EVAL_FILE, MODEL_FILE
+from retinaops.tracking.registry import TRIAL_PARAM_PREFIX
+from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
 logger = logging.getLogger(__name__)
 

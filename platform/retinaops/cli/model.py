@@ -72,8 +72,8 @@ def _checkpoint_file(args: argparse.Namespace) -> str:
         return args.checkpoint
     import re
 
-    from retinaops.cli_sweep import resolve_model
-    from retinaops.settings import Settings
+    from retinaops.cli.sweep import resolve_model
+    from retinaops.job.settings import Settings
 
     cache = Settings.from_env().home / "models" / re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
     args.checkpoint = str(resolve_model(args.model, cache))

@@ -23,7 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from retinaops.stack import (
+from retinaops.cluster.services import (
     HOST,
     Service,
     boot_id,

@@ -6,7 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
-from retinaops.specpaths import Section
+from retinaops.job.paths import Section
 
 # SynthSpec field -> make_synthetic_coco argument where the names differ; other fields pass by name.
 _ARGUMENTS = {"train": "num_train", "val": "num_val", "classes": "num_classes", "size": "image_size"}

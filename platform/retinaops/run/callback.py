@@ -8,8 +8,8 @@ from typing import Any
 
 from ray.train import UserCallback
 
-from retinaops.journal import default_journal_root
-from retinaops.tracking import Tracker
+from retinaops.tracking.journal import default_journal_root
+from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
 

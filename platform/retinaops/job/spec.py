@@ -23,8 +23,8 @@ import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from retinanet.config import RetinaNetConfig
-from retinaops.augmentspec import AugmentSpec
-from retinaops.specpaths import (
+from retinaops.job.augment import AugmentSpec
+from retinaops.job.paths import (
     Issue,
     Issues,
     Section,
@@ -38,9 +38,9 @@ from retinaops.specpaths import (
     schema_tree,
     set_paths,
 )
-from retinaops.specpaths import error_lines as error_lines_at
-from retinaops.sweepspec import SweepSpec, space_issues
-from retinaops.synthspec import SynthSpec
+from retinaops.job.paths import error_lines as error_lines_at
+from retinaops.job.space import SweepSpec, space_issues
+from retinaops.job.synth import SynthSpec
 
 __all__ = ["JobSpec", "SpecError", "apply_overrides", "check_data_paths", "load_spec", "parse_overrides"]
 

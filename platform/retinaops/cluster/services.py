@@ -1,6 +1,6 @@
 """Real services on 127.0.0.1: an S3 endpoint, an MLflow server, a Ray head and a second Ray node.
 
-What the local stack (`retinaops.localstack`) and the integration tests start. Each service runs in its
+What the local stack (`retinaops.cluster.stack`) and the integration tests start. Each service runs in its
 own session and is stopped by that session's process IDs, never by `ray stop` (which would stop every
 Ray on the host).
 """
@@ -310,7 +310,14 @@ def start_ray_worker(
     (`ray start --address` refuses under RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0). Its processes outlive
     the launcher, in the launcher's session."""
     temp_dir = _temp_dir()
-    cmd = [sys.executable, "-m", "retinaops.stack", head.env["RAY_ADDRESS"], str(num_cpus), str(temp_dir)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "retinaops.cluster.services",
+        head.env["RAY_ADDRESS"],
+        str(num_cpus),
+        str(temp_dir),
+    ]
     log = workdir / "ray-worker.log"
     node_env = {k: v for k, v in head.env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     proc = _spawn(cmd, log, {**node_env, **(env or {})}, NODE_UNSET)

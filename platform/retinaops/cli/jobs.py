@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from retinaops.cli_train import add_spec_args
+from retinaops.cli.train import add_spec_args
 
 
 def _add_address_arg(parser: argparse.ArgumentParser) -> None:
@@ -50,8 +50,8 @@ def _quiet_ray(args: argparse.Namespace) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from retinaops.jobs import connect, job_request, submit
-    from retinaops.settings import redact
+    from retinaops.cluster.jobs import connect, job_request, submit
+    from retinaops.job.settings import redact
 
     _quiet_ray(args)
     resources = {
@@ -101,7 +101,7 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def _follow(client, job_id: str, out) -> str:
     """Copy the job's log to out until it ends; its final status."""
-    from retinaops.jobs import follow_logs, wait
+    from retinaops.cluster.jobs import follow_logs, wait
 
     try:
         for chunk in follow_logs(client, job_id):
@@ -139,7 +139,7 @@ def _row(job) -> dict:
 
 
 def cmd_jobs_list(args: argparse.Namespace) -> int:
-    from retinaops.jobs import connect, list_jobs
+    from retinaops.cluster.jobs import connect, list_jobs
 
     rows = [_row(j) for j in list_jobs(connect(args.address))]
     if args.json:
@@ -162,7 +162,7 @@ def add_jobs_status_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_jobs_status(args: argparse.Namespace) -> int:
-    from retinaops.jobs import connect, job_info
+    from retinaops.cluster.jobs import connect, job_info
 
     row = _row(job_info(connect(args.address), args.job))
     if args.json:
@@ -181,7 +181,7 @@ def add_jobs_logs_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_jobs_logs(args: argparse.Namespace) -> int:
-    from retinaops.jobs import connect, job_logs
+    from retinaops.cluster.jobs import connect, job_logs
 
     _quiet_ray(args)
     client = connect(args.address)
@@ -193,7 +193,7 @@ def cmd_jobs_logs(args: argparse.Namespace) -> int:
 
 
 def cmd_jobs_stop(args: argparse.Namespace) -> int:
-    from retinaops.jobs import connect, stop_job
+    from retinaops.cluster.jobs import connect, stop_job
 
     if stop_job(connect(args.address), args.job):
         print(f"stop requested: {args.job} (retinaops jobs status {args.job})")
@@ -215,7 +215,7 @@ def _add_dir_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def _stack_dir(args: argparse.Namespace) -> Path:
-    from retinaops.settings import Settings
+    from retinaops.job.settings import Settings
 
     return args.dir if args.dir is not None else Settings.from_env().home / "stack"
 
@@ -227,7 +227,7 @@ def add_stack_up_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_stack_up(args: argparse.Namespace) -> int:
-    from retinaops.localstack import stack_up
+    from retinaops.cluster.stack import stack_up
 
     if args.cpus_per_node < 1:
         raise ValueError(f"--cpus-per-node: expected >= 1, got {args.cpus_per_node}")
@@ -259,7 +259,7 @@ def add_stack_dir_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_stack_down(args: argparse.Namespace) -> int:
-    from retinaops.localstack import stack_down
+    from retinaops.cluster.stack import stack_down
 
     home = _stack_dir(args)
     stopped = stack_down(home)
@@ -268,7 +268,7 @@ def cmd_stack_down(args: argparse.Namespace) -> int:
 
 
 def cmd_stack_env(args: argparse.Namespace) -> int:
-    from retinaops.localstack import load_stack
+    from retinaops.cluster.stack import load_stack
 
     home = _stack_dir(args)
     stack = load_stack(home)

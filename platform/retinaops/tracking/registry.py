@@ -5,7 +5,7 @@ logged model as a new version of a registered model, moves the `champion` alias 
 lineage (sweep, trial, spec hash, data fingerprint, commit, metrics) and the previous champion as version
 tags, so that `rollback` can move the alias back. Everything MLflow goes through `tracking.Tracker`.
 A rule ranking by AP does not replace a champion whose AP interval overlaps the candidate's: the data
-cannot tell them apart. The trials' table and the Pareto front are in `retinaops.leaderboard`.
+cannot tell them apart. The trials' table and the Pareto front are in `retinaops.tracking.leaderboard`.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from retinanet.ap_interval import interval_text, overlaps
-from retinaops.leaderboard import Trial, finite, interval_of
-from retinaops.tracking import PARENT_TAG, Tracker, with_retries
+from retinaops.tracking.leaderboard import Trial, finite, interval_of
+from retinaops.tracking.tracker import PARENT_TAG, Tracker, with_retries
 
 logger = logging.getLogger(__name__)
 

@@ -25,15 +25,12 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from retinaops.leaderboard import Trial, leaderboard, plot_pareto, write_leaderboard_csv
-from retinaops.registry import SWEEP_KIND_TAG, sweep_trials
-from retinaops.settings import Settings
-from retinaops.spec import JobSpec
-from retinaops.storage import StorageLocation, ensure_bucket
-from retinaops.sweepspec import SweepSpec
-from retinaops.tracking import PARENT_TAG, Tracker
-from retinaops.trainer import PreparedJob, ensure_ray, prepare_job, run_tags
-from retinaops.trial import (
+from retinaops.cluster.storage import StorageLocation, ensure_bucket
+from retinaops.job.settings import Settings
+from retinaops.job.space import SweepSpec
+from retinaops.job.spec import JobSpec
+from retinaops.run.trainer import PreparedJob, ensure_ray, prepare_job, run_tags
+from retinaops.run.trial import (
     ERROR_TAG,
     SWEEP_TAG,
     TRIAL_TAG,
@@ -44,6 +41,9 @@ from retinaops.trial import (
     finish_trial,
     run_trial,
 )
+from retinaops.tracking.leaderboard import Trial, leaderboard, plot_pareto, write_leaderboard_csv
+from retinaops.tracking.registry import SWEEP_KIND_TAG, sweep_trials
+from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
 logger = logging.getLogger(__name__)
 

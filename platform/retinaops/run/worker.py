@@ -28,10 +28,7 @@ from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import CocoDataset, collate
 from retinanet.data.transforms import same_size_batches
 from retinanet.evaluate import coco_eval, measure_latency, to_coco_results
-from retinaops.augmentspec import build_augment
-from retinaops.progress import ProgressPoster
-from retinaops.spec import JobSpec
-from retinaops.storage import (
+from retinaops.cluster.storage import (
     download_dir,
     materialize,
     publish_checkpoint,
@@ -39,6 +36,9 @@ from retinaops.storage import (
     verify_checkpoint,
     write_manifest,
 )
+from retinaops.job.augment import build_augment
+from retinaops.job.spec import JobSpec
+from retinaops.run.progress import ProgressPoster
 
 logger = logging.getLogger(__name__)
 

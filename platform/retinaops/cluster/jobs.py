@@ -43,7 +43,7 @@ from urllib.parse import urlsplit
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
-    from retinaops.spec import JobSpec
+    from retinaops.job.spec import JobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ CREDENTIAL_VARS = (
     "MLFLOW_TRACKING_TOKEN",
 )
 # The packages a job carries, found without importing retinanet (torch): `jobs list` stays quick.
-CODE = (Path(importlib.util.find_spec("retinanet").origin).parent, Path(__file__).parent)
+CODE = (Path(importlib.util.find_spec("retinanet").origin).parent, Path(__file__).parents[1])
 EXCLUDES = ["__pycache__", "*.pyc"]
 TOKEN_HINT = "set RAY_AUTH_TOKEN (or RAY_AUTH_TOKEN_PATH, a file holding it) to the cluster's token"
 _USER_PASSWORD = re.compile(r"^[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
@@ -114,7 +114,7 @@ def resolve_address(address: str | None, env: Mapping[str, str] | None = None) -
         )
     parts = urlsplit(address)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        from retinaops.settings import redact
+        from retinaops.job.settings import redact
 
         raise ClusterAccessError(
             f"--address {redact(address)!r}: expected the head's Jobs API URL, http(s)://HEAD:8265"
@@ -208,7 +208,7 @@ def job_request(
     entrypoint_resources: Mapping[str, Any] | None = None,
 ) -> JobRequest:
     """Check the spec (with its overrides) and the settings to send; ValueError/SpecError before any contact."""
-    from retinaops.spec import load_spec
+    from retinaops.job.spec import load_spec
 
     spec = load_spec(spec_file, overrides)
     kind = "sweep" if spec.sweep is not None else "train"
@@ -227,7 +227,7 @@ def job_request(
 
 def job_env(env: Mapping[str, str], *, forward_credentials: bool) -> dict[str, str]:
     """The settings set in env that a job needs, checked to make sense on another machine."""
-    from retinaops.settings import redact
+    from retinaops.job.settings import redact
 
     out = {k: env[k] for k in SETTINGS_VARS if env.get(k, "").strip()}
     uri = out.get("MLFLOW_TRACKING_URI")
@@ -275,7 +275,7 @@ def submit(client: JobSubmissionClient, request: JobRequest) -> Submission:
     job_id = f"retinaops-{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     metadata = {
         "retinaops.kind": request.kind,
-        "retinaops.spec": spec.name,
+        "retinaops.job.spec": spec.name,
         "retinaops.experiment": spec.tracking.experiment,
     }
     address = client.get_address()

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from retinanet import RetinaNet
 
 if TYPE_CHECKING:
-    from retinaops.tracking import Tracker
+    from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def onnx_detections(ort_session, model: RetinaNet, images: list[Tensor]) -> list
 
 def log_export(tracker: Tracker, version, path: Path, tags: dict[str, Any]) -> str:
     """Log an exported file on the model version's run (under export/) and point version tags at it."""
-    from retinaops.tracking import with_retries
+    from retinaops.tracking.tracker import with_retries
 
     run_id = version.run_id or version.tags.get("trial_run_id")
     if not run_id:

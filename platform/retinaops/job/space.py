@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from retinaops.specpaths import Issue, Section, nearest, raise_issues
+from retinaops.job.paths import Issue, Section, nearest, raise_issues
 
 METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "latency_ms")
 PARAM_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")

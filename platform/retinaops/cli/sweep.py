@@ -7,12 +7,12 @@ import json
 import sys
 from pathlib import Path
 
-from retinaops.cli_train import add_spec_args
+from retinaops.cli.train import add_spec_args
 
 
 def _tracker():
-    from retinaops.settings import Settings
-    from retinaops.tracking import Tracker
+    from retinaops.job.settings import Settings
+    from retinaops.tracking.tracker import Tracker
 
     settings = Settings.from_env()
     return Tracker(settings.tracking_uri, str(settings.artifact_root))
@@ -26,11 +26,11 @@ def add_sweep_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
-    from retinaops.settings import Settings
-    from retinaops.spec import load_spec
+    from retinaops.job.settings import Settings
+    from retinaops.job.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before Ray starts
-    from retinaops.sweep import run_sweep
+    from retinaops.run.sweep import run_sweep
 
     outcome = run_sweep(spec, Settings.from_env(), resume=args.resume)
     summary = {
@@ -62,8 +62,8 @@ def add_leaderboard_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
-    from retinaops.leaderboard import leaderboard
-    from retinaops.registry import find_sweep, sweep_trials
+    from retinaops.tracking.leaderboard import leaderboard
+    from retinaops.tracking.registry import find_sweep, sweep_trials
 
     tracker = _tracker()
     parent = find_sweep(tracker, args.experiment, args.sweep)
@@ -123,7 +123,7 @@ def add_promote_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from retinaops.registry import CHAMPION, Rule, promote
+    from retinaops.tracking.registry import CHAMPION, Rule, promote
 
     rule = Rule.parse(args.rule)  # a bad rule fails before anything is read
     name = args.name or f"retinanet-{args.experiment}"
@@ -155,7 +155,7 @@ def add_models_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from retinaops.registry import model_versions
+    from retinaops.tracking.registry import model_versions
 
     name = args.name or f"retinanet-{args.experiment}"
     versions = model_versions(_tracker(), name)
@@ -181,7 +181,7 @@ def add_rollback_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_rollback(args: argparse.Namespace) -> int:
-    from retinaops.registry import CHAMPION, rollback
+    from retinaops.tracking.registry import CHAMPION, rollback
 
     was, now = rollback(_tracker(), args.name)
     if args.json:
@@ -193,7 +193,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 def resolve_model(uri: str, dst: str | Path) -> Path:
     """A local model file for `--model`: a path as it is, a models:/ or runs:/ URI downloaded into dst."""
-    from retinaops.registry import local_model_file
+    from retinaops.tracking.registry import local_model_file
 
     return local_model_file(_tracker(), uri, dst)
 
@@ -216,8 +216,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     import tempfile
 
     from retinanet import RetinaNet
-    from retinaops.export import RTOL, check_onnx, export_onnx, log_export
-    from retinaops.registry import local_model_file, model_version_of
+    from retinaops.tracking.export import RTOL, check_onnx, export_onnx, log_export
+    from retinaops.tracking.registry import local_model_file, model_version_of
 
     # A file needs no MLflow; a models:/ or runs:/ URI is downloaded, a registry version logged on.
     tracker = _tracker() if args.model.startswith(("models:/", "runs:/")) else None

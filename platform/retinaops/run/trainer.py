@@ -28,13 +28,13 @@ from ray.train.torch import TorchTrainer  # noqa: E402
 from retinanet import RetinaNetConfig  # noqa: E402
 from retinanet.data import load_coco, make_synthetic_coco  # noqa: E402
 from retinanet.data.synth import recorded_params, synth_params  # noqa: E402
-from retinaops.progress import ProgressDisplay, follow_progress  # noqa: E402
-from retinaops.settings import Settings, redact  # noqa: E402
-from retinaops.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
-from retinaops.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
-from retinaops.tracking import Tracker  # noqa: E402
-from retinaops.train import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker  # noqa: E402
-from retinaops.traincallback import MLflowCallback  # noqa: E402
+from retinaops.cluster.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
+from retinaops.job.settings import Settings, redact  # noqa: E402
+from retinaops.job.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
+from retinaops.run.callback import MLflowCallback  # noqa: E402
+from retinaops.run.progress import ProgressDisplay, follow_progress  # noqa: E402
+from retinaops.run.worker import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker  # noqa: E402
+from retinaops.tracking.tracker import Tracker  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -371,7 +371,7 @@ def prune_orphan_checkpoints(result) -> list[str]:
 
 def log_final_artifacts(tracker: Tracker, run_id: str, job: PreparedJob, checkpoint_dir: Path) -> str | None:
     """The resolved spec, the final model, evaluation files, plots and the pyfunc model."""
-    from retinaops.report import draw_samples, plot_pr_curve
+    from retinaops.tracking.report import draw_samples, plot_pr_curve
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp, "spec.yaml")

@@ -32,8 +32,8 @@ from tqdm import tqdm
 if TYPE_CHECKING:
     import torch
 
-    from retinaops.spec import TrainSpec
-    from retinaops.tracking import Tracker
+    from retinaops.job.spec import TrainSpec
+    from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
 

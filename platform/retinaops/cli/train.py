@@ -63,11 +63,11 @@ def _print_outcome(outcome, as_json: bool) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from retinaops.settings import Settings
-    from retinaops.spec import load_spec
+    from retinaops.job.settings import Settings
+    from retinaops.job.spec import load_spec
 
     spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before Ray starts
-    from retinaops.trainer import run_training
+    from retinaops.run.trainer import run_training
 
     return _run(lambda: run_training(spec, Settings.from_env()), args.json)
 
@@ -102,9 +102,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     a sweep with ASHA, its leaderboard with the Pareto front, the champion promoted under a latency
     budget, a prediction by the champion, and how to browse it all. Each step shows its command."""
     from retinaops.cli import main
-    from retinaops.registry import CHAMPION
-    from retinaops.settings import Settings
-    from retinaops.spec import load_spec
+    from retinaops.job.settings import Settings
+    from retinaops.job.spec import load_spec
+    from retinaops.tracking.registry import CHAMPION
 
     if not args.spec.is_file():
         raise FileNotFoundError(f"{args.spec}: the demo spec is missing (run from the repository root)")
@@ -116,7 +116,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"demo: home {settings.home}; MLflow {settings.tracking_uri}; storage {settings.storage_path}")
     sets = [f"--set={o}" for o in args.overrides]
     _step("sweep", str(args.spec), *sets)
-    from retinaops.sweep import run_sweep
+    from retinaops.run.sweep import run_sweep
 
     outcome = run_sweep(spec, settings)
     name, experiment = outcome.sweep_name, spec.tracking.experiment
@@ -175,8 +175,8 @@ def demo_images(spec, count: int) -> list[Path]:
 
 def champion_figures(settings, name: str) -> dict:
     """Version, AP, latency and rule of the model's champion, as the registry holds them."""
-    from retinaops.registry import CHAMPION
-    from retinaops.tracking import Tracker
+    from retinaops.tracking.registry import CHAMPION
+    from retinaops.tracking.tracker import Tracker
 
     version = Tracker(settings.tracking_uri).model_version_by_alias(name, CHAMPION)
     if version is None:
@@ -200,7 +200,7 @@ def add_replay_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Send the MLflow writes a run kept while the tracking server was unreachable; 1 if some are still kept."""
-    from retinaops.tracking import replay
+    from retinaops.tracking.tracker import replay
 
     uri, delivered, left = replay(args.journal, args.tracking_uri)
     print(f"sent {delivered} kept writes to {uri}; {left} still kept in {args.journal}")

@@ -177,7 +177,7 @@ class Journal:
 
 def default_journal_root() -> Path:
     """{RETINAOPS_HOME}/mlflow-journal: where runs keep the MLflow writes the server could not take."""
-    from retinaops.settings import Settings
+    from retinaops.job.settings import Settings
 
     return Settings.from_env().home / "mlflow-journal"
 

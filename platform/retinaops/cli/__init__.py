@@ -21,11 +21,11 @@ logger = logging.getLogger(__name__)
 
 PROG = "retinaops"
 
-from retinaops import cli_bench as b  # noqa: E402
-from retinaops import cli_jobs as j  # noqa: E402
-from retinaops import cli_model as m  # noqa: E402
-from retinaops import cli_sweep as s  # noqa: E402
-from retinaops import cli_train as t  # noqa: E402
+from retinaops.cli import bench as b  # noqa: E402
+from retinaops.cli import jobs as j  # noqa: E402
+from retinaops.cli import model as m  # noqa: E402
+from retinaops.cli import sweep as s  # noqa: E402
+from retinaops.cli import train as t  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,3 @@ def _describe(exc: BaseException) -> str:
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
     return str(exc)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,7 +15,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from retinanet.data.augment import Augment, ColorJitter, RandomCrop, RandomFlip, ResizeShortestEdge, Transform
-from retinaops.specpaths import Issue, Section, raise_issues
+from retinaops.job.paths import Issue, Section, raise_issues
 
 
 class ResizeSpec(Section):

@@ -1,0 +1,1 @@
+"""MLflow, the one door to it: runs, params, metrics, artifacts, the journal of undelivered writes, the registry, the served model."""
