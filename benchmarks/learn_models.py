@@ -7,6 +7,7 @@ and lists every field where the two still differ. `train_process` is what each f
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -104,7 +105,7 @@ def remaining_differences(config: RetinaNetConfig) -> dict[str, tuple[Any, Any]]
     as_tv = RetinaNet.from_torchvision(tv, size_divisible=tv.transform.size_divisible).config.to_dict()
     # Ours as it resolves "auto" and None from scratch, so that equal settings compare equal.
     trainable = 5 if config.trainable_backbone_layers is None else config.trainable_backbone_layers
-    ours = config.replace(backbone_norm="batch", trainable_backbone_layers=trainable).to_dict()
+    ours = dataclasses.replace(config, backbone_norm="batch", trainable_backbone_layers=trainable).to_dict()
     moot = {"smooth_l1_beta"} if "smooth_l1" not in (ours["box_loss"], as_tv["box_loss"]) else set()
     return {k: (ours[k], as_tv[k]) for k in ours if k not in moot and not _same(ours[k], as_tv[k])}
 
@@ -131,17 +132,17 @@ def train_process(job: dict[str, Any], out_path: str) -> None:
     ...} as JSON to out_path. train_s counts the steps (data, forward, backward, optimiser) and not evaluation.
     """
     # Imported here: the parent never needs Ray, which retinaops.run.worker imports.
-    from retinaops.job.spec import JobSpec
+    from retinaops.job.resolved import Job
     from retinaops.run.worker import build_optimizer, load_datasets, lr_factor
 
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {job['impl']}: %(message)s", datefmt="%X")
     if job["cpus"] and hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, job["cpus"])
     torch.set_num_threads(job["threads"])
-    spec = JobSpec.from_dict(job["spec"])
-    config = spec.detector_config()
+    resolved = Job.from_dict(job["job"])  # as a platform worker starts
+    spec, config = resolved.spec, resolved.model
     skip_resize = spec.data.augment.resize is not None  # multi-scale images come resized
-    train_ds, val_ds = load_datasets(spec, job["data"], job["cache_dir"], None)
+    train_ds, val_ds = load_datasets(resolved)
     model = build(job["impl"], config, skip_resize=skip_resize, seed=spec.train.seed)
     if spec.train.channels_last == "on":  # as the platform's CPU workers ("auto" is off on the CPU)
         model = model.to(memory_format=torch.channels_last)

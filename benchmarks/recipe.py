@@ -81,14 +81,14 @@ def _spec(overrides: list[str], base: list[str]):
 
 def _data_dir(spec, cache: Path) -> Path:
     """The spec's synthetic set under cache, generated once per distinct data.synth."""
-    from retinanet.data import make_synthetic_coco
+    from retinanet.data import make_synthetic_coco, split_file
 
     s = spec.data.synth
     key = (
         f"n{s.train}-v{s.val}-c{s.classes}-s{s.size}-seed{s.seed}-o{'-'.join(map(str, s.object_sizes or []))}"
     )
     root = cache / key
-    if not (root / "val.json").is_file():
+    if not split_file(root, "val").is_file():
         make_synthetic_coco(root, **s.arguments())
     return root
 
@@ -97,14 +97,14 @@ def _build(spec, root: Path, steps_per_epoch: int | None = None):
     """Model, optimizer, LR schedule and data of a demo trial, built as the platform's worker builds them."""
     from torch.utils.data import DataLoader
 
-    from retinanet import RetinaNet
+    from retinanet import RetinaNet, RetinaNetConfig
     from retinanet.data import CocoDataset, collate
     from retinaops.job.augment import build_augment
     from retinaops.run.worker import build_optimizer, lr_factor
 
     t, d = spec.train, spec.data
     torch.manual_seed(t.seed)
-    config = spec.detector_config()
+    config = RetinaNetConfig.from_dict(spec.model)
     aug = build_augment(d.augment, hflip=d.hflip, max_size=config.max_size, seed=t.seed, rank=0)
     train = CocoDataset.from_dir(root, "train", transform=aug)
     val = CocoDataset.from_dir(root, "val")

@@ -66,10 +66,11 @@ class ResNetFPN(nn.Module):
         channels_last: bool = False,
     ) -> None:
         """channels_last: run on channels-last (NHWC) activations, which oneDNN's convolutions
-        compute ~10% faster on the CPU, forward and backward, and cuDNN's tensor-core ones need
-        under AMP on a GPU; every later layer, the heads included, keeps the layout. Weights keep
-        theirs, so state dicts and optimizers are the same. Off by default because it changes float
-        rounding: results are then equal to torchvision's up to rounding, not bit for bit."""
+        compute faster on the CPU, forward and backward (benchmarks/TUNING.md), and cuDNN's
+        tensor-core ones need under AMP on a GPU; every later layer, the heads included, keeps the
+        layout. Weights keep theirs, so state dicts and optimizers are the same. Off by default
+        because it changes float rounding: results are then equal to torchvision's up to rounding,
+        not bit for bit."""
         super().__init__()
         self.channels_last = channels_last
         norm_layer = FrozenBatchNorm2d if frozen_bn else nn.BatchNorm2d

@@ -1,4 +1,4 @@
-"""Box coder and pairwise IoU.
+"""Box coder and IoU: the one IoU arithmetic of the package (matcher, NMS, GIoU).
 
 Legend: N images, G padded ground-truth boxes, A anchors. Boxes are xyxy in pixels unless a name
 says otherwise. The coder follows torchvision's `BoxCoder` (same weights, same clamp), so weights
@@ -48,37 +48,49 @@ def box_area(boxes: Tensor) -> Tensor:
     return (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
 
 
-def pairwise_intersection(boxes1: Tensor, boxes2: Tensor) -> Tensor:
-    """Intersection area of every box in boxes1 (..., P, 4) with every box in boxes2 (..., Q, 4)."""
-    top_left = torch.maximum(boxes1[..., :, None, :2], boxes2[..., None, :, :2])  # (..., P, Q, 2)
-    bottom_right = torch.minimum(boxes1[..., :, None, 2:], boxes2[..., None, :, 2:])  # (..., P, Q, 2)
-    wh = (bottom_right - top_left).clamp(min=0)  # (..., P, Q, 2)
-    return wh[..., 0] * wh[..., 1]  # (..., P, Q)
+def inter_union(
+    boxes1: Tensor, boxes2: Tensor, area1: Tensor | None = None, area2: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Intersection and union areas of boxes1 (..., 4) and boxes2 (..., 4), shapes broadcast -> (...), (...).
+
+    The one IoU arithmetic of the package: torchvision's `box_iou` (and `nms`), one coordinate at
+    a time, so an IoU made from it equals theirs to the bit. area1, area2: the boxes' areas, shaped
+    like their leading dims, when the caller has them (or needs other ones: the matcher gives
+    padding rows an infinite area). Each coordinate is read as a strided view, so boxes laid out
+    coordinate-major (a transposed (4, A) tensor) broadcast over contiguous memory.
+    """
+    area1 = box_area(boxes1) if area1 is None else area1
+    area2 = box_area(boxes2) if area2 is None else area2
+    # In place on fresh results only: autograd (GIoU) keeps what it needs.
+    width = torch.minimum(boxes1[..., 2], boxes2[..., 2]).sub_(torch.maximum(boxes1[..., 0], boxes2[..., 0]))
+    height = torch.minimum(boxes1[..., 3], boxes2[..., 3]).sub_(torch.maximum(boxes1[..., 1], boxes2[..., 1]))
+    inter = width.clamp_(min=0).mul_(height.clamp_(min=0))  # (...)
+    return inter, area1 + area2 - inter  # (...), (...)
+
+
+def iou(boxes1: Tensor, boxes2: Tensor, area1: Tensor | None = None, area2: Tensor | None = None) -> Tensor:
+    """Elementwise IoU of boxes1 (..., 4) and boxes2 (..., 4), shapes broadcast -> (...); see `inter_union`."""
+    inter, union = inter_union(boxes1, boxes2, area1, area2)
+    return inter / union
 
 
 def pairwise_iou(boxes1: Tensor, boxes2: Tensor) -> Tensor:
     """IoU of every box in boxes1 (..., P, 4) with every box in boxes2 (..., Q, 4) -> (..., P, Q).
 
     Leading dimensions broadcast, so (N, G, 4) against (A, 4) gives (N, G, A) in one call.
+    Equal to torchvision's `box_iou` to the bit.
     """
-    inter = pairwise_intersection(boxes1, boxes2)  # (..., P, Q)
-    union = box_area(boxes1)[..., :, None] + box_area(boxes2)[..., None, :] - inter  # (..., P, Q)
-    return inter / union
+    return iou(boxes1[..., :, None, :], boxes2[..., None, :, :])  # (..., P, Q)
 
 
 def giou_loss(boxes1: Tensor, boxes2: Tensor, eps: float = 1e-7) -> Tensor:
     """Elementwise generalised IoU loss (1 - GIoU) of matching boxes (..., 4), (..., 4) -> (...)."""
-    x1 = torch.maximum(boxes1[..., 0], boxes2[..., 0])
-    y1 = torch.maximum(boxes1[..., 1], boxes2[..., 1])
-    x2 = torch.minimum(boxes1[..., 2], boxes2[..., 2])
-    y2 = torch.minimum(boxes1[..., 3], boxes2[..., 3])
-    inter = (x2 - x1).clamp(min=0) * (y2 - y1).clamp(min=0)  # (...)
-    union = box_area(boxes1) + box_area(boxes2) - inter  # (...)
-    iou = inter / (union + eps)
+    inter, union = inter_union(boxes1, boxes2)  # (...), (...)
+    iou_ = inter / (union + eps)
     hull_w = torch.maximum(boxes1[..., 2], boxes2[..., 2]) - torch.minimum(boxes1[..., 0], boxes2[..., 0])
     hull_h = torch.maximum(boxes1[..., 3], boxes2[..., 3]) - torch.minimum(boxes1[..., 1], boxes2[..., 1])
     hull = hull_w * hull_h  # (...)
-    return 1 - iou + (hull - union) / (hull + eps)
+    return 1 - iou_ + (hull - union) / (hull + eps)
 
 
 def clip_to_image(boxes: Tensor, image_hw: Tensor) -> Tensor:

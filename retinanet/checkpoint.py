@@ -54,16 +54,15 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return payload
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu"):
-    from retinanet.model import RetinaNet
-
+def load_model(model_cls: type[nn.Module], path: str | Path, map_location: str | torch.device = "cpu"):
+    """A `model_cls` (RetinaNet) with the config and weights of a model file, on map_location."""
     payload = read_checkpoint(path, map_location)
     try:
         config = RetinaNetConfig.from_dict(payload["config"])
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{path}: its config is invalid: {exc}") from exc
     # The weights are in the file: do not read backbone_weights again (it may not exist here).
-    model = RetinaNet(config, read_backbone_weights=False)
+    model = model_cls(config, read_backbone_weights=False)
     load_state_dict_checked(model, payload["state_dict"], f"{path}: weights do not fit its config")
     return model.to(map_location)
 
@@ -114,11 +113,10 @@ def _tv_anchor_settings(generator) -> dict[str, Any]:
     raise ValueError(f"from_torchvision: anchor sizes {sizes} are not one base size times shared scales")
 
 
-def from_torchvision(tv_model: nn.Module, **overrides: Any):
-    """Our RetinaNet with a torchvision RetinaNet's weights, resize, matcher, loss and inference settings."""
+def from_torchvision(model_cls: type[nn.Module], tv_model: nn.Module, **overrides: Any):
+    """A `model_cls` (RetinaNet) with a torchvision RetinaNet's weights, resize, matcher, loss and
+    inference settings."""
     from torchvision.models.detection import RetinaNet as TorchvisionRetinaNet
-
-    from retinanet.model import RetinaNet
 
     if not isinstance(tv_model, TorchvisionRetinaNet):
         raise TypeError(f"from_torchvision: expected a torchvision RetinaNet, got {type(tv_model).__name__}")
@@ -162,7 +160,7 @@ def from_torchvision(tv_model: nn.Module, **overrides: Any):
         "image_std": tuple(float(v) for v in transform.image_std),
     }
     fields.update(overrides)
-    model = RetinaNet(RetinaNetConfig(**fields))
+    model = model_cls(RetinaNetConfig(**fields))
     state = {}
     for key, value in tv_model.state_dict().items():
         for prefix, ours in _TV_HEAD_KEYS.items():

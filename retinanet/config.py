@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -16,8 +18,21 @@ ANCHOR_ROUNDINGS = ("none", "torchvision")
 NUM_LEVELS = 5  # FPN P3..P7
 
 
+class ConfigError(ValueError):
+    """Every bad field of a RetinaNetConfig at once: `problems` holds (field, message) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        self.problems = problems
+        super().__init__("\n".join(f"RetinaNetConfig.{name}: {message}" for name, message in problems))
+
+
+class _FieldError(Exception):
+    def __init__(self, name: str, message: str) -> None:
+        self.name, self.message = name, message
+
+
 def _fail(name: str, expected: str, got: Any) -> None:
-    raise ValueError(f"RetinaNetConfig.{name}: expected {expected}, got {got!r}")
+    raise _FieldError(name, f"expected {expected}, got {got!r}")
 
 
 def _check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -44,16 +59,15 @@ def _check_int(name: str, value: Any, low: int, high: int | None = None) -> None
         _fail(name, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""), value)
 
 
-def _check_positive_tuple(name: str, value: Any, length: int | None = None) -> tuple[float, ...]:
+def _positive_tuple(name: str, value: Any, length: int | None = None) -> tuple[float, ...]:
     if not isinstance(value, (tuple, list)) or len(value) == 0:
         _fail(name, "a non-empty list of positive numbers", value)
     for v in value:
         if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
             _fail(name, "a non-empty list of positive numbers", value)
     if length is not None and len(value) != length:
-        raise ValueError(
-            f"RetinaNetConfig.{name}: has {len(value)} entries, expected {length} (one per FPN level P3-P7)"
-        )
+        message = f"has {len(value)} entries, expected {length} (one per FPN level P3-P7)"
+        raise _FieldError(name, message)
     return tuple(float(v) for v in value)
 
 
@@ -128,76 +142,108 @@ class RetinaNetConfig:
     """Batches are padded to a multiple of this (P7 has stride 128)."""
 
     def __post_init__(self) -> None:
-        _check_choice("backbone", self.backbone, BACKBONES)
-        _check_int("num_classes", self.num_classes, 1)
+        """Check every field; ConfigError names each bad one. Lists become tuples (hashable)."""
+        problems: list[tuple[str, str]] = []
+        for check in self._checks():
+            try:
+                check()
+            except _FieldError as exc:
+                problems.append((exc.name, exc.message))
+        if problems:
+            raise ConfigError(problems)
+
+    def _checks(self) -> list[Callable[[], None]]:
+        def tuple_of(name: str, length: int | None = None) -> Callable[[], None]:
+            # Tuples arrive as lists from YAML and JSON; store them as tuples so the config stays hashable.
+            return lambda: object.__setattr__(self, name, _positive_tuple(name, getattr(self, name), length))
+
+        return [
+            lambda: _check_choice("backbone", self.backbone, BACKBONES),
+            lambda: _check_int("num_classes", self.num_classes, 1),
+            self._check_backbone_weights,
+            lambda: _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS),
+            lambda: (
+                self.trainable_backbone_layers is None
+                or _check_int("trainable_backbone_layers", self.trainable_backbone_layers, 0, 5)
+            ),
+            lambda: _check_int("fpn_channels", self.fpn_channels, 1),
+            self._check_group_norm,
+            lambda: _check_choice("p6_from", self.p6_from, P6_SOURCES),
+            tuple_of("anchor_sizes", NUM_LEVELS),
+            tuple_of("anchor_scales"),
+            tuple_of("anchor_aspect_ratios"),
+            lambda: _check_choice("anchor_rounding", self.anchor_rounding, ANCHOR_ROUNDINGS),
+            lambda: _check_int("head_num_convs", self.head_num_convs, 0),
+            lambda: _check_choice("head_norm", self.head_norm, HEAD_NORMS),
+            self._check_prior,
+            lambda: self.focal_alpha is None or _check_number("focal_alpha", self.focal_alpha, 0.0, 1.0),
+            lambda: _check_number("focal_gamma", self.focal_gamma, 0.0, 10.0),
+            lambda: _check_choice("box_loss", self.box_loss, BOX_LOSSES),
+            lambda: _check_number("smooth_l1_beta", self.smooth_l1_beta, 0.0, 10.0),
+            self._check_box_weights,
+            lambda: _check_number("fg_iou_thresh", self.fg_iou_thresh, 0.0, 1.0, low_open=True),
+            lambda: _check_number("bg_iou_thresh", self.bg_iou_thresh, 0.0, 1.0),
+            lambda: self._ordered("bg_iou_thresh", "fg_iou_thresh", "<="),
+            lambda: (
+                isinstance(self.allow_low_quality_matches, bool)
+                or _fail("allow_low_quality_matches", "true or false", self.allow_low_quality_matches)
+            ),
+            lambda: _check_choice("loss_normalizer", self.loss_normalizer, LOSS_NORMALIZERS),
+            lambda: _check_number("score_thresh", self.score_thresh, 0.0, 1.0),
+            lambda: _check_int("topk_candidates", self.topk_candidates, 1),
+            lambda: _check_number("nms_thresh", self.nms_thresh, 0.0, 1.0),
+            lambda: _check_int("detections_per_img", self.detections_per_img, 1),
+            lambda: _check_int("min_size", self.min_size, 32),
+            lambda: _check_int("max_size", self.max_size, 32),
+            lambda: self._ordered("max_size", "min_size", ">="),
+            lambda: self._check_rgb("image_mean"),
+            lambda: self._check_rgb("image_std"),
+            lambda: _check_int("size_divisible", self.size_divisible, 1),
+        ]
+
+    def _check_backbone_weights(self) -> None:
         if self.backbone_weights is not None and not isinstance(self.backbone_weights, str):
             _fail("backbone_weights", "a file path or None", self.backbone_weights)
-        _check_choice("backbone_norm", self.backbone_norm, BACKBONE_NORMS)
         if self.backbone_norm == "group_norm" and self.backbone_weights is not None:
             _fail(
                 "backbone_norm",
                 "frozen, batch or auto with backbone_weights (BatchNorm weights)",
                 "group_norm",
             )
-        if self.backbone_norm == "group_norm" and self.fpn_channels % 32:
-            _fail("fpn_channels", "a multiple of 32 with backbone_norm=group_norm", self.fpn_channels)
-        if self.trainable_backbone_layers is not None:
-            _check_int("trainable_backbone_layers", self.trainable_backbone_layers, 0, 5)
-        _check_int("fpn_channels", self.fpn_channels, 1)
-        _check_choice("p6_from", self.p6_from, P6_SOURCES)
-        # Tuples arrive as lists from YAML and JSON; store them as tuples so the config stays hashable.
-        set_ = object.__setattr__
-        set_(self, "anchor_sizes", _check_positive_tuple("anchor_sizes", self.anchor_sizes, NUM_LEVELS))
-        set_(self, "anchor_scales", _check_positive_tuple("anchor_scales", self.anchor_scales))
-        set_(
-            self,
-            "anchor_aspect_ratios",
-            _check_positive_tuple("anchor_aspect_ratios", self.anchor_aspect_ratios),
-        )
-        _check_choice("anchor_rounding", self.anchor_rounding, ANCHOR_ROUNDINGS)
-        _check_int("head_num_convs", self.head_num_convs, 0)
-        _check_choice("head_norm", self.head_norm, HEAD_NORMS)
-        if self.head_norm == "group_norm" and self.fpn_channels % 32:
-            _fail("fpn_channels", "a multiple of 32 with head_norm=group_norm", self.fpn_channels)
+
+    def _check_group_norm(self) -> None:
+        for norm in ("backbone_norm", "head_norm"):
+            if (
+                getattr(self, norm) == "group_norm"
+                and isinstance(self.fpn_channels, int)
+                and self.fpn_channels % 32
+            ):
+                _fail("fpn_channels", f"a multiple of 32 with {norm}=group_norm", self.fpn_channels)
+
+    def _check_prior(self) -> None:
         _check_number("prior_probability", self.prior_probability, 0.0, 1.0, low_open=True)
         if self.prior_probability >= 1.0:
             _fail("prior_probability", "a number in (0, 1)", self.prior_probability)
-        if self.focal_alpha is not None:
-            _check_number("focal_alpha", self.focal_alpha, 0.0, 1.0)
-        _check_number("focal_gamma", self.focal_gamma, 0.0, 10.0)
-        _check_choice("box_loss", self.box_loss, BOX_LOSSES)
-        _check_number("smooth_l1_beta", self.smooth_l1_beta, 0.0, 10.0)
-        set_(self, "box_weights", _check_positive_tuple("box_weights", self.box_weights))
+
+    def _check_box_weights(self) -> None:
+        object.__setattr__(self, "box_weights", _positive_tuple("box_weights", self.box_weights))
         if len(self.box_weights) != 4:
             _fail("box_weights", "4 positive numbers (wx, wy, ww, wh)", self.box_weights)
-        _check_number("fg_iou_thresh", self.fg_iou_thresh, 0.0, 1.0, low_open=True)
-        _check_number("bg_iou_thresh", self.bg_iou_thresh, 0.0, 1.0)
-        if self.bg_iou_thresh > self.fg_iou_thresh:
-            raise ValueError(
-                f"RetinaNetConfig.bg_iou_thresh: must be <= fg_iou_thresh ({self.fg_iou_thresh}), "
-                f"got {self.bg_iou_thresh}"
-            )
-        if not isinstance(self.allow_low_quality_matches, bool):
-            _fail("allow_low_quality_matches", "true or false", self.allow_low_quality_matches)
-        _check_choice("loss_normalizer", self.loss_normalizer, LOSS_NORMALIZERS)
-        _check_number("score_thresh", self.score_thresh, 0.0, 1.0)
-        _check_int("topk_candidates", self.topk_candidates, 1)
-        _check_number("nms_thresh", self.nms_thresh, 0.0, 1.0)
-        _check_int("detections_per_img", self.detections_per_img, 1)
-        _check_int("min_size", self.min_size, 32)
-        _check_int("max_size", self.max_size, 32)
-        if self.max_size < self.min_size:
-            raise ValueError(
-                f"RetinaNetConfig.max_size: must be >= min_size ({self.min_size}), got {self.max_size}"
-            )
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if not isinstance(value, (tuple, list)) or len(value) != 3:
-                _fail(name, "3 numbers (R, G, B)", value)
-            set_(self, name, tuple(float(v) for v in value))
-        if min(self.image_std) <= 0:
-            _fail("image_std", "3 positive numbers", self.image_std)
-        _check_int("size_divisible", self.size_divisible, 1)
+
+    def _ordered(self, name: str, other: str, relation: str) -> None:
+        """name <= other or name >= other; skipped when either is not a number (reported on its own)."""
+        value, bound = getattr(self, name), getattr(self, other)
+        numbers = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (value, bound))
+        if numbers and not (value <= bound if relation == "<=" else value >= bound):
+            raise _FieldError(name, f"must be {relation} {other} ({bound}), got {value}")
+
+    def _check_rgb(self, name: str) -> None:
+        value = getattr(self, name)
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            _fail(name, "3 numbers (R, G, B)", value)
+        object.__setattr__(self, name, tuple(float(v) for v in value))
+        if name == "image_std" and min(self.image_std) <= 0:
+            _fail(name, "3 positive numbers", self.image_std)
 
     @property
     def num_anchors_per_location(self) -> int:
@@ -209,17 +255,13 @@ class RetinaNetConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RetinaNetConfig:
-        """Build from a dict; an unknown key is an error naming it and the nearest known key."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
+        """Build from a dict; unknown keys are a ConfigError naming each and the nearest known key."""
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(data) - set(known))
         if unknown:
-            import difflib
-
-            key = unknown[0]
-            near = difflib.get_close_matches(key, sorted(known), n=1)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise ValueError(f"RetinaNetConfig: unknown field {key!r}{hint}")
+            problems = []
+            for key in unknown:
+                near = difflib.get_close_matches(key, known, n=1)
+                problems.append((key, "unknown field" + (f" (did you mean {near[0]!r}?)" if near else "")))
+            raise ConfigError(problems)
         return cls(**data)
-
-    def replace(self, **changes: Any) -> RetinaNetConfig:
-        return RetinaNetConfig.from_dict({**asdict(self), **changes})

@@ -26,10 +26,10 @@ from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
 
 from retinanet.ap_interval import ap_interval
+from retinanet.layout import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
-METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")  # the first six entries of COCOeval.stats
 CLASS_PREFIX = "AP_class/"  # per-class AP metrics: AP_class/<class name>
 BOOTSTRAP_SAMPLES = 200  # resamples of the validation images behind AP_lo, AP_hi
 

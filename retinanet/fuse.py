@@ -70,8 +70,10 @@ def fuse_frozen_bn(model: nn.Module, *, channels_last: bool = True) -> nn.Module
 
     For inference only: the copy has no BatchNorm layers left to train, and its state dict no
     longer fits the model's config, so save the original, not this. The original is untouched.
-    Outputs equal the original's in eval mode up to float rounding. channels_last: its ResNet-FPN
-    backbones also run channels-last (see `ResNetFPN`), ~10% faster again on the CPU.
+    Outputs equal the original's in eval mode up to float rounding. Norms that are no fixed affine
+    map in eval mode (GroupNorm, BatchNorm without running statistics) stay as they are, so any
+    model can go through it. channels_last: its ResNet-FPN backbones also run channels-last (see
+    `ResNetFPN`; measured: benchmarks/TUNING.md); False keeps each backbone's own layout.
     """
     fused = copy.deepcopy(model).eval()
     num_folded = 0
@@ -95,8 +97,8 @@ def compile_for_inference(model: nn.Module) -> nn.Module:
     oneDNN, and the elementwise ops between them become one generated kernel each.
 
     For inference only, called under torch.inference_mode or no_grad. The first call for each
-    input size compiles (minutes on 2 CPU cores, and a C++ compiler on the CPU), later calls reuse
-    it; pre- and post-processing stay eager. Outputs equal the original's up to float rounding.
+    input size compiles (minutes on a small CPU, see benchmarks/TUNING.md; it needs a C++ compiler
+    there), later calls reuse it; pre- and post-processing stay eager. Outputs equal the original's up to float rounding.
     """
     fused = fuse_frozen_bn(model)
     fused.backbone = torch.compile(fused.backbone, options={"freezing": True})

@@ -16,7 +16,13 @@ from retinanet.matcher import IGNORE
 
 
 def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None, gamma: float) -> Tensor:
-    """The per-element focal loss of Lin et al. (2017), eq. 5; targets in {0, 1}, same shape as logits."""
+    """The per-element focal loss of Lin et al. (2017), eq. 5; targets in {0, 1}, same shape as logits.
+
+    The readable reference: it defines the loss, and the fused kernel that training runs
+    (`focal_loss_per_image`, `_FocalSum`) is tested against it in value and gradient
+    (tests/unit/test_loss.py). Not used in training: it needs an (N, A, C) one-hot target and
+    several full-size temporaries.
+    """
     p = torch.sigmoid(logits)
     ce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
     p_t = p * targets + (1 - p) * (1 - targets)
@@ -26,14 +32,10 @@ def sigmoid_focal_loss(logits: Tensor, targets: Tensor, alpha: float | None, gam
     return loss
 
 
-# Blocks of the fused focal loss on the CPU: at least _FOCAL_BLOCK elements, whose 4 float32
-# workspaces (4 MiB each) are allocated once and reused by every block, so that elementwise ops run
-# in cache instead of streaming (N, A, C) arrays through memory or page-faulting fresh ones in; at
-# most _FOCAL_MAX_BLOCKS blocks, because every op is one fork-join of the intra-op threads, and on a
-# busy machine each can cost a scheduler time slice (a block is ~12 ops).
-_FOCAL_BLOCK = 1 << 20
-_FOCAL_MAX_BLOCKS = 32
-_FOCAL_BLOCK_GPU = 1 << 24  # 64 MiB workspaces; a batch of 16 at 800 px is ~11 blocks
+# Blocks of rows of the fused focal loss, sharing 4 reused workspaces; measurements: benchmarks/TUNING.md.
+_FOCAL_BLOCK = 1 << 20  # CPU: least elements per block (float32 workspaces of 4 MiB each)
+_FOCAL_MAX_BLOCKS = 32  # CPU: most blocks per call
+_FOCAL_BLOCK_GPU = 1 << 24  # GPU: elements per block (float32 workspaces of 64 MiB each)
 _TINY = torch.finfo(torch.float32).tiny
 
 
@@ -42,7 +44,7 @@ def _negative_block(x: Tensor, gamma: float, workspace: list[Tensor], grad: Tens
 
     With `grad`, also writes its derivative p^gamma (gamma (1 - p) softplus(x) + p) there.
     softplus(x) is -log(1 - p) with 1 - p = sigmoid(-x), free of cancellation; log, not log1p
-    (~7x slower on the CPU): for x << 0 it has the precision of torchvision's
+    (slower on the CPU: benchmarks/TUNING.md): for x << 0 it has the precision of torchvision's
     binary_cross_entropy_with_logits, which computes the same log(1 + e^x).
     """
     rows = x.shape[0]

@@ -10,15 +10,13 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from retinanet import boxes as box_ops
+
 BACKGROUND = -1
 IGNORE = -2
-# On the CPU the (N, G, A) IoU is computed in blocks of anchors of about this many (N, G, S)
-# elements (2 MiB of float32), so that its ~10 temporaries stay in cache and are not page-faulted
-# in afresh for every elementwise op; each block is ~12 whole-batch ops, each one fork-join of the
-# intra-op threads (on a busy machine, a scheduler time slice), so blocks are at most _MAX_BLOCKS.
-# A GPU takes everything in one block.
-_BLOCK = 1 << 19
-_MAX_BLOCKS = 32
+# CPU blocks of anchors for the (N, G, A) IoU (a GPU takes one); measurements: benchmarks/TUNING.md.
+_BLOCK = 1 << 19  # CPU: (N, G, S) elements per block (2 MiB of float32)
+_MAX_BLOCKS = 32  # CPU: most blocks per call
 
 
 def _on_cpu(t: Tensor) -> bool:
@@ -48,12 +46,10 @@ class Matcher:
         crowd_mask = gt_valid & gt_crowd  # (N, G)
         # One host check on the CPU (free there) skips the crowd pass when, as usual, there is none.
         has_crowd = bool(crowd_mask.any()) if _on_cpu(gt_boxes) else True
-        gt = [c[..., None] for c in gt_boxes.unbind(-1)]  # 4 x (N, G, 1): x1, y1, x2, y2
         # Padding and crowd rows get an infinite area, so their IoU is 0: they never reach a
         # threshold, and they lose every tie to a real object with a positive IoU.
-        gt_area = torch.where(
-            object_mask[..., None], (gt[2] - gt[0]) * (gt[3] - gt[1]), torch.inf
-        )  # (N, G, 1)
+        gt_area = torch.where(object_mask, box_ops.box_area(gt_boxes), torch.inf)[..., None]  # (N, G, 1)
+        gt = gt_boxes[:, :, None, :]  # (N, G, 1, 4)
         crowd_weight = crowd_mask[..., None].to(gt_boxes.dtype)  # (N, G, 1)
 
         num_anchors = anchors.shape[0]
@@ -63,14 +59,10 @@ class Matcher:
         coords = anchors.t().contiguous()  # (4, A): each coordinate contiguous, so broadcasts vectorise
         ious, best, ioas = [], [], []
         for start in range(0, num_anchors, block):  # blocks of memory, not a loop over anchors
-            a = coords[:, start : start + block].unbind(0)  # 4 x (S,)
-            anchor_area = (a[2] - a[0]) * (a[3] - a[1])  # (S,)
-            # torchvision's box_iou arithmetic, one coordinate at a time: the same IoU to the bit.
-            inter = torch.minimum(gt[2], a[2]).sub_(torch.maximum(gt[0], a[0])).clamp_(min=0)  # (N, G, S)
-            height = torch.minimum(gt[3], a[3]).sub_(torch.maximum(gt[1], a[1])).clamp_(min=0)  # (N, G, S)
-            inter.mul_(height)
-            iou = torch.add(gt_area, anchor_area, out=height).sub_(inter)  # (N, G, S) union, then IoU
-            iou = torch.div(inter, iou, out=iou)
+            a = coords[:, start : start + block].t()  # (S, 4), a coordinate-major view
+            anchor_area = box_ops.box_area(a)  # (S,)
+            inter, union = box_ops.inter_union(gt, a, gt_area, anchor_area)  # (N, G, S) each
+            iou = torch.div(inter, union, out=union)  # (N, G, S): `boxes.iou`, in the union's memory
             ious.append(iou)
             best.append(iou.max(dim=1))  # (N, S), (N, S)
             if has_crowd:

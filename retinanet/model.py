@@ -231,11 +231,11 @@ class RetinaNet(nn.Module):
     def load(cls, path: str | Path, map_location: str | torch.device = "cpu") -> RetinaNet:
         from retinanet.checkpoint import load_model
 
-        return load_model(path, map_location=map_location)
+        return load_model(cls, path, map_location=map_location)
 
     @classmethod
     def from_torchvision(cls, tv_model: nn.Module, **overrides) -> RetinaNet:
         """Our model with the weights and settings of a torchvision RetinaNet (v1 head)."""
         from retinanet.checkpoint import from_torchvision
 
-        return from_torchvision(tv_model, **overrides)
+        return from_torchvision(cls, tv_model, **overrides)

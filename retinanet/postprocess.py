@@ -89,12 +89,8 @@ def _greedy_nms_over_pairs(boxes: Tensor, group_size: Tensor, num_pairs: int, io
     pair_start = torch.cumsum(num_later, 0) - num_later  # (K,)
     second = first + 1 + torch.arange(num_pairs, device=boxes.device) - pair_start[first]  # (P,)
 
-    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])  # (K,)
-    top_left = torch.maximum(boxes[first, :2], boxes[second, :2])  # (P, 2)
-    bottom_right = torch.minimum(boxes[first, 2:], boxes[second, 2:])  # (P, 2)
-    wh = (bottom_right - top_left).clamp(min=0)  # (P, 2)
-    inter = wh[:, 0] * wh[:, 1]  # (P,)
-    overlaps = inter / (area[first] + area[second] - inter) > iou_threshold  # (P,)
+    area = box_ops.box_area(boxes)  # (K,)
+    overlaps = box_ops.iou(boxes[first], boxes[second], area[first], area[second]) > iou_threshold  # (P,)
     first, second = first[overlaps], second[overlaps]  # (E,), (E,) edges: first suppresses second
 
     kept = torch.ones(boxes.shape[0], dtype=torch.bool, device=boxes.device)  # (K,)

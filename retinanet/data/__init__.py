@@ -3,6 +3,7 @@
 from retinanet.data.coco import CocoDataset, Problem, ValidationReport, load_coco, read_image
 from retinanet.data.synth import make_synthetic_coco
 from retinanet.data.transforms import RandomHorizontalFlip, collate
+from retinanet.layout import split_file
 
 __all__ = [
     "CocoDataset",
@@ -13,4 +14,5 @@ __all__ = [
     "load_coco",
     "make_synthetic_coco",
     "read_image",
+    "split_file",
 ]

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from retinanet.data.images import FILE_REASONS, image_file_error, read_image
+from retinanet.layout import split_file
 
 logger = logging.getLogger(__name__)
 
@@ -338,8 +339,8 @@ class CocoDataset(torch.utils.data.Dataset):
 
     @classmethod
     def from_dir(cls, root: str | Path, split: str = "train", **kwargs: Any) -> CocoDataset:
-        """`root/{split}.json` with file_names relative to root (as make_synthetic_coco writes)."""
-        return cls(Path(root) / f"{split}.json", root, **kwargs)
+        """`split_file(root, split)` with file_names relative to root (as make_synthetic_coco writes)."""
+        return cls(split_file(root, split), root, **kwargs)
 
     def __len__(self) -> int:
         return len(self.image_ids)

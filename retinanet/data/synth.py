@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from retinanet.layout import split_file
+
 logger = logging.getLogger(__name__)
 
 SHAPES = ("rectangle", "ellipse", "triangle", "cross", "ring", "diamond", "star", "hexagon")
@@ -144,7 +146,7 @@ def _make_image(
         box = [float(x0), float(y0), float(x + int(xs.max()) + 1 - x0), float(y + int(ys.max()) + 1 - y0)]
         objects.append((label, box))
         taken.append((x, y, x + bw, y + bh))
-    # Uniform noise in [-15, 15): as good a nuisance as Gaussian noise, and six times cheaper to draw.
+    # Uniform noise in [-15, 15): as good a nuisance as Gaussian noise, and cheaper (benchmarks/TUNING.md).
     pixels += 30.0 * rng.random(size=pixels.shape, dtype=np.float32) - 15.0  # (H, W, 3)
     return np.clip(pixels, 0, 255).astype(np.uint8), objects
 
@@ -169,7 +171,7 @@ def _write_split(
             size = (image_size, long) if draw < 1 / 6 else (long, image_size)
         pixels, objects = _make_image(rng, size, num_classes, empty=i % 10 == 9, sides=sides)
         file_name = f"images/{split}_{i + 1:06d}.png"
-        # Noise barely compresses: level 0 halves the time for files a third bigger.
+        # Noise barely compresses: level 0, faster for slightly bigger files (benchmarks/TUNING.md).
         Image.fromarray(pixels).save(out_dir / file_name, format="PNG", compress_level=0)
         images.append({"id": i + 1, "file_name": file_name, "width": size[1], "height": size[0]})
         for label, box in objects:
@@ -191,7 +193,7 @@ def _write_split(
         "annotations": annotations,
         "categories": categories,
     }
-    (out_dir / f"{split}.json").write_text(json.dumps(coco) + "\n")
+    split_file(out_dir, split).write_text(json.dumps(coco) + "\n")
 
 
 def synth_params(
@@ -216,7 +218,7 @@ def synth_params(
 def recorded_params(out_dir: str | Path) -> dict[str, Any] | None:
     """The synth_params a set in out_dir was made with; None when its train.json records none."""
     try:
-        info = json.loads((Path(out_dir) / "train.json").read_text()).get("info", {})
+        info = json.loads(split_file(out_dir, "train").read_text()).get("info", {})
     except (OSError, ValueError, AttributeError):
         return None
     params = info.get("params") if isinstance(info, dict) else None

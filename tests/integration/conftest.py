@@ -129,9 +129,7 @@ def shapes(services_dir):
     )
 
 
-@pytest.fixture
-def platform_env(services_dir, mlflow_server, s3_server, ray_head):
-    """The environment a user exports to point retinaops at the stack."""
+def stack_env(services_dir, mlflow_server, s3_server, ray_head) -> dict:
     return {
         **mlflow_server.env,
         **s3_server.env,
@@ -139,3 +137,23 @@ def platform_env(services_dir, mlflow_server, s3_server, ray_head):
         "RETINAOPS_HOME": str(services_dir / "home"),
         "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
     }
+
+
+@pytest.fixture
+def platform_env(services_dir, mlflow_server, s3_server, ray_head):
+    """The environment a user exports to point retinaops at the stack."""
+    return stack_env(services_dir, mlflow_server, s3_server, ray_head)
+
+
+@pytest.fixture(scope="module")
+def env(services_dir, mlflow_server, s3_server, ray_head):
+    """`platform_env`, once per module: for module-scoped fixtures (the sweeps of test_sweep*.py)."""
+    return stack_env(services_dir, mlflow_server, s3_server, ray_head)
+
+
+@pytest.fixture(scope="module")
+def client(mlflow_server):
+    """An MlflowClient of the stack's MLflow server, once per module."""
+    from mlflow import MlflowClient
+
+    return MlflowClient(mlflow_server.url)

@@ -1,29 +1,28 @@
-"""Tracking and storage faults for real: an MLflow server stopped and restarted on its port, an S3 endpoint
-refusing connections or answering 503, a writer process killed; then one Ray run through both outages.
+"""Tracking and storage faults for real: an MLflow server stopped and restarted on its port, a writer
+process killed; then one Ray run through an MLflow and an S3 outage.
 
 `own_mlflow` is this module's MLflow server (SQLite, stopped and restarted on the same port);
-`FlakyEndpoint` is a forwarder on a fixed port in front of the session's S3 endpoint.
+`FlakyEndpoint` (flaky_endpoint.py) is a forwarder on a fixed port in front of the session's S3 endpoint.
+S3 faults during a checkpoint upload: test_reliability_s3.py.
 """
 
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import boto3
 import pytest
 import yaml
+from flaky_endpoint import FlakyEndpoint
 from mlflow import MlflowClient
 
 from retinaops.cluster.services import free_port, start_mlflow
-from retinaops.cluster.storage import publish_checkpoint, s3_filesystem, verify_checkpoint, write_manifest
 from retinaops.run.callback import MLflowCallback
 from retinaops.tracking.tracker import Tracker
 
@@ -51,111 +50,6 @@ class StoppableMLflow:
 
     def start(self) -> None:
         self.service = start_mlflow(self.workdir, port=self.port)
-
-
-class FlakyEndpoint:
-    """An HTTP/1.1 forwarder on a fixed 127.0.0.1 port in front of a real service, to inject faults.
-
-    refuse(): the port is closed and open connections are cut (connection refused); fail(pattern):
-    requests whose request line contains pattern get 503; heal(): all is forwarded again, same port.
-    """
-
-    def __init__(self, target_url: str) -> None:
-        self.target = ("127.0.0.1", int(target_url.rsplit(":", 1)[1]))
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.failing: str | None = None
-        self.num_failed = 0
-        self.failed: list[str] = []  # the request lines answered 503
-        self._clients: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
-        self.heal()
-
-    def heal(self) -> None:
-        self.failing = None
-        if self._listener is None:
-            listener = socket.socket()
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            listener.bind(("127.0.0.1", self.port))
-            listener.listen(64)
-            self._listener = listener
-            threading.Thread(target=self._accept, args=(listener,), daemon=True).start()
-
-    def refuse(self) -> None:
-        if self._listener is not None:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
-            self._listener.close()
-            self._listener = None
-        for client in list(self._clients):
-            client.close()
-
-    def fail(self, pattern: str = "") -> None:
-        self.failing = pattern
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = listener.accept()
-            except OSError:
-                return
-            self._clients.add(client)
-            threading.Thread(target=self._serve, args=(client,), daemon=True).start()
-
-    def _serve(self, client: socket.socket) -> None:
-        upstream = socket.create_connection(self.target)
-        threading.Thread(target=_pump, args=(upstream, client), daemon=True).start()
-        reader = client.makefile("rb")
-        try:
-            while head := _read_head(reader):
-                line = head.split(b"\r\n", 1)[0].decode("latin-1")
-                if self.failing is not None and self.failing in line:
-                    self.num_failed += 1
-                    self.failed.append(line)
-                    client.sendall(
-                        b"HTTP/1.1 503 Slow Down\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                    )
-                    break
-                upstream.sendall(head)  # before the body: a client may wait for "100 Continue"
-                _copy_body(reader, upstream, head)
-        except OSError:
-            pass
-        finally:
-            self._clients.discard(client)
-            for s in (client, upstream):
-                s.close()
-
-
-def _read_head(reader) -> bytes:
-    lines = []
-    while (line := reader.readline()) not in (b"\r\n", b"\n", b""):
-        lines.append(line)
-    return b"".join(lines) + b"\r\n" if lines else b""
-
-
-def _copy_body(reader, upstream: socket.socket, head: bytes) -> None:
-    headers = {
-        k.strip().lower(): v.strip() for k, _, v in (h.partition(b":") for h in head.split(b"\r\n")[1:])
-    }
-    if headers.get(b"transfer-encoding", b"").lower() == b"chunked":
-        while True:
-            size_line = reader.readline()
-            size = int(size_line.split(b";")[0], 16)
-            upstream.sendall(size_line + reader.read(size + 2))
-            if size == 0:
-                return
-    remaining = int(headers.get(b"content-length", b"0"))
-    while remaining:
-        chunk = reader.read(min(remaining, 1 << 16))
-        upstream.sendall(chunk)
-        remaining -= len(chunk)
-
-
-def _pump(source: socket.socket, sink: socket.socket) -> None:
-    try:
-        while data := source.recv(1 << 16):
-            sink.sendall(data)
-    except OSError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -244,79 +138,6 @@ def test_writes_during_an_mlflow_outage_are_kept_on_disk_and_replayed_in_order(o
         (1, 0.9),
         (2, 0.8),
     ]
-
-
-# -- S3 refusing or failing --------------------------------------------------------------------
-
-
-@pytest.fixture
-def flaky_s3(s3_server, monkeypatch):
-    for key, value in s3_server.env.items():
-        monkeypatch.setenv(key, value)
-    direct = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
-    if "reliability" not in [b["Name"] for b in direct.list_buckets()["Buckets"]]:
-        direct.create_bucket(Bucket="reliability")
-    endpoint = FlakyEndpoint(s3_server.url)
-    yield endpoint, direct
-    endpoint.refuse()
-
-
-def local_checkpoint(directory: Path) -> Path:
-    directory.mkdir()
-    (directory / "state.pt").write_bytes(os.urandom(300_000))
-    (directory / "model.pt").write_bytes(os.urandom(100_000))
-    write_manifest(directory)
-    return directory
-
-
-def download(direct, prefix: str, dest: Path) -> Path:
-    dest.mkdir()
-    for obj in direct.list_objects_v2(Bucket="reliability", Prefix=prefix).get("Contents", []):
-        if not obj["Key"].endswith("/"):
-            direct.download_file("reliability", obj["Key"], str(dest / obj["Key"].rsplit("/", 1)[1]))
-    return dest
-
-
-@pytest.mark.parametrize("fault", ["refused", "503"])
-def test_a_checkpoint_upload_rides_out_an_s3_outage_and_is_then_complete(flaky_s3, tmp_path, fault, caplog):
-    endpoint, direct = flaky_s3
-    ckpt = local_checkpoint(tmp_path / "ckpt")
-    if fault == "refused":
-        endpoint.refuse()
-    else:
-        endpoint.fail()
-    errors = []
-    upload = threading.Thread(
-        target=lambda: errors.extend(_publish(ckpt, endpoint.url, f"reliability/{fault}/checkpoint_000000"))
-    )
-    upload.start()
-    time.sleep(5.0)  # longer than the S3 client's own 3 quick attempts (~3 s at most): ours must retry
-    endpoint.heal()
-    upload.join(timeout=120)
-    assert not errors and not upload.is_alive()
-    assert "retry 1/" in caplog.text
-    assert fault == "refused" or endpoint.num_failed > 0
-    verify_checkpoint(download(direct, f"{fault}/checkpoint_000000/", tmp_path / "back"))
-
-
-def _publish(ckpt: Path, endpoint: str, dest: str, attempts: int = 8) -> list[Exception]:
-    try:
-        publish_checkpoint(ckpt, s3_filesystem(endpoint), dest, attempts=attempts, first_delay=0.2)
-    except Exception as exc:
-        return [exc]
-    return []
-
-
-def test_a_checkpoint_whose_upload_keeps_failing_is_never_visible(flaky_s3, tmp_path):
-    endpoint, direct = flaky_s3
-    ckpt = local_checkpoint(tmp_path / "ckpt")
-    endpoint.fail("state.pt")  # the store takes every other object
-    (error,) = _publish(ckpt, endpoint.url, "reliability/half/checkpoint_000000", attempts=3)
-    assert isinstance(error, OSError) and "state.pt: failed 3 times" in str(error)
-    keys = [o["Key"] for o in direct.list_objects_v2(Bucket="reliability", Prefix="half/")["Contents"]]
-    assert "half/checkpoint_000000/model.pt" in keys and "half/checkpoint_000000/manifest.json" not in keys
-    with pytest.raises(ValueError, match="incomplete checkpoint"):
-        verify_checkpoint(download(direct, "half/checkpoint_000000/", tmp_path / "back"))
 
 
 # -- one Ray run through both outages, with fake secrets in its environment -------------------------

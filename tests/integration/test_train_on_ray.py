@@ -128,6 +128,13 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
 
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED"
+    # Every knob the run trained with is a param, the model's defaults included.
+    from dataclasses import fields
+
+    from retinanet import RetinaNetConfig
+
+    assert {f"model.{f.name}" for f in fields(RetinaNetConfig)} <= set(run.data.params)
+    assert run.data.params["model.focal_gamma"] == "2.0"  # a default: the spec does not set it
     assert "failure.1" in run.data.tags  # the killed worker was seen ...
     steps = sorted({m.step for m in client.get_metric_history(run.info.run_id, "loss")})
     assert steps == [0, 1, 2]  # ... and one run holds the whole history

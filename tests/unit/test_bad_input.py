@@ -14,9 +14,9 @@ from PIL import Image
 
 from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.data import CocoDataset, collate, load_coco, make_synthetic_coco
+from retinaops.job.resolved import resolve_job
 from retinaops.job.settings import Settings
 from retinaops.job.spec import JobSpec, SpecError
-from retinaops.run.trainer import prepare_job
 
 CATS = [{"id": 1, "name": "cat"}, {"id": 7, "name": "dog"}]
 
@@ -233,4 +233,4 @@ def test_a_model_num_classes_that_disagrees_with_the_data_is_refused_before_ray_
     root = make_synthetic_coco(tmp_path / "d", num_train=2, num_val=1, num_classes=3, image_size=64, seed=0)
     spec = JobSpec.from_dict({"data": {"root": str(root)}, "model": {"num_classes": 5}}, "job.yaml")
     with pytest.raises(SpecError, match=r"job.yaml: model.num_classes: the data has 3 categories, got 5"):
-        prepare_job(spec, Settings.from_env({"RETINAOPS_HOME": str(tmp_path / "home")}))
+        resolve_job(spec, Settings.from_env({"RETINAOPS_HOME": str(tmp_path / "home")}))

@@ -159,7 +159,8 @@ def test_ap_latency_parity_pair_starts_from_the_same_weights_and_losses():
 
     import torch
 
-    from benchmarks.ap_latency import ZeroBasedLabels, build, runs_for
+    from benchmarks.ap_latency import runs_for
+    from benchmarks.ap_latency_models import ZeroBasedLabels, build
 
     runs = runs_for(
         argparse.Namespace(sizes=(64, 96), steps=3, parity_steps=5, parity_orders=2, sweep_steps=2)

@@ -1,5 +1,6 @@
 """Model files: round trip, and clear refusals of missing, truncated, foreign and unsafe files."""
 
+import dataclasses
 import pickle
 
 import pytest
@@ -71,7 +72,7 @@ def test_backbone_weights_file_of_a_torchvision_resnet_is_loaded_and_freezes_bat
 
     reference = resnet18(weights=None)
     torch.save(reference.state_dict(), tmp_path / "r18.pth")
-    model = RetinaNet(SMALL.replace(backbone_weights=str(tmp_path / "r18.pth")))
+    model = RetinaNet(dataclasses.replace(SMALL, backbone_weights=str(tmp_path / "r18.pth")))
     torch.testing.assert_close(model.backbone.body.conv1.weight, reference.conv1.weight)
     assert isinstance(model.backbone.body.bn1, FrozenBatchNorm2d)
     assert not model.backbone.body.layer1[0].conv1.weight.requires_grad  # 3 trainable stages by default
@@ -82,7 +83,7 @@ def test_backbone_weights_that_do_not_fit_are_refused(tmp_path):
 
     torch.save(resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
     with pytest.raises(ValueError, match="r50.pth does not fit this backbone"):
-        RetinaNet(SMALL.replace(backbone_weights=str(tmp_path / "r50.pth")))
+        RetinaNet(dataclasses.replace(SMALL, backbone_weights=str(tmp_path / "r50.pth")))
 
 
 def test_model_refuses_bad_inputs_with_the_index():

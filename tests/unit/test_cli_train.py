@@ -68,7 +68,7 @@ def test_demo_names_its_missing_spec(tmp_path, capsys):
 
 
 def test_the_demo_spec_sweeps_resolution_in_two_side_by_side_trials():
-    from retinaops.cli.train import DEMO_SPEC
+    from retinaops.cli.demo import DEMO_SPEC
     from retinaops.job.spec import load_spec
 
     spec = load_spec(DEMO_SPEC)
@@ -79,7 +79,7 @@ def test_the_demo_spec_sweeps_resolution_in_two_side_by_side_trials():
 
 
 def test_the_demos_latency_budget_admits_at_least_half_of_the_trials_with_a_model():
-    from retinaops.cli.train import latency_budget
+    from retinaops.cli.demo import latency_budget
 
     def row(latency, status="FINISHED", model="models:/m"):
         return {"latency_ms": latency, "status": status, "model_uri": model}

@@ -63,8 +63,27 @@ def test_max_size_below_min_size_is_refused():
 
 
 def test_unknown_field_suggests_the_nearest_one():
-    with pytest.raises(ValueError, match=r"unknown field 'focal_gama' \(did you mean 'focal_gamma'\?\)"):
+    with pytest.raises(ValueError, match=r"focal_gama: unknown field \(did you mean 'focal_gamma'\?\)"):
         RetinaNetConfig.from_dict({"focal_gama": 1.0})
+
+
+def test_every_bad_field_is_named_at_once():
+    from retinanet.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        RetinaNetConfig(
+            backbone="resnet51", focal_gamma=-1.0, anchor_sizes=(32, 64), max_size=100, min_size=200
+        )
+    assert [name for name, _ in caught.value.problems] == [
+        "backbone",
+        "anchor_sizes",
+        "focal_gamma",
+        "max_size",
+    ]
+    assert str(caught.value).count("\n") == 3  # one line per field
+    with pytest.raises(ConfigError) as caught:
+        RetinaNetConfig.from_dict({"focal_gama": 1.0, "backbon": "resnet18"})
+    assert [name for name, _ in caught.value.problems] == ["backbon", "focal_gama"]
 
 
 def test_config_round_trips_through_a_plain_dict():

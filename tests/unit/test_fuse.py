@@ -9,9 +9,15 @@ from retinanet import RetinaNet, RetinaNetConfig
 from retinanet.fuse import fuse_frozen_bn
 
 
-def _model(norm):
+def _model(norm, head_norm="none"):
     config = RetinaNetConfig(
-        backbone="resnet18", num_classes=3, min_size=128, max_size=128, fpn_channels=32, backbone_norm=norm
+        backbone="resnet18",
+        num_classes=3,
+        min_size=128,
+        max_size=128,
+        fpn_channels=32,
+        backbone_norm=norm,
+        head_norm=head_norm,
     )
     model = RetinaNet(config).eval()
     g = torch.Generator().manual_seed(0)
@@ -39,6 +45,28 @@ def test_folded_model_gives_the_same_features_and_detections(norm):
     for e, g in zip(expected, got, strict=True):
         assert len(e["scores"]) > 0
         torch.testing.assert_close(g["scores"][:20], e["scores"][:20], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "norm,head_norm", [("frozen", "none"), ("batch", "group_norm"), ("group_norm", "group_norm")]
+)
+def test_folding_leaves_every_detection_of_an_eval_model_within_1e_4(norm, head_norm):
+    """Frozen BatchNorm folds; trainable BatchNorm in eval mode folds on its running statistics;
+    GroupNorm (statistics of each input) is left alone. No detection moves by more than 1e-4."""
+    model = _model(norm, head_norm)
+    fused = fuse_frozen_bn(model, channels_last=False)
+    norms = (nn.BatchNorm2d, FrozenBatchNorm2d, nn.GroupNorm)
+    kept = sum(isinstance(m, nn.GroupNorm) for m in model.modules())
+    assert kept > 0 or norm == "frozen"
+    assert [type(m) for m in fused.modules() if isinstance(m, norms)] == [nn.GroupNorm] * kept
+    images = [torch.rand(3, 128, 128), torch.rand(3, 96, 128)]
+    with torch.no_grad():
+        expected, got = model(images), fused(images)
+    for e, g in zip(expected, got, strict=True):
+        assert len(e["scores"]) > 0 and len(g["scores"]) == len(e["scores"])
+        assert torch.equal(g["labels"], e["labels"])
+        torch.testing.assert_close(g["scores"], e["scores"], rtol=0, atol=1e-4)
+        torch.testing.assert_close(g["boxes"], e["boxes"], rtol=0, atol=1e-4)
 
 
 def test_every_batchnorm_of_the_resnet_is_folded_and_the_original_is_untouched():

@@ -70,6 +70,43 @@ def test_fused_focal_loss_gradient_equals_autograd_of_the_formula(alpha, gamma, 
     )  # float32 kernel against a float64 reference
 
 
+def _logits_with_extremes(labels):
+    """(2, 30, 5) float64 logits: random, and +-50 on both the object's class and the others."""
+    logits = torch.randn(2, 30, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64) * 4
+    fg = (labels >= 0).nonzero()  # (F, 2)
+    for k, (n, a) in enumerate(fg[:8].tolist()):
+        logits[n, a, labels[n, a]] = 50.0 if k % 2 else -50.0  # easy / hard positive
+        logits[n, a, (labels[n, a] + 1) % 5] = -50.0 if k % 2 else 50.0  # easy / hard negative
+    logits[1, -4:] = torch.tensor([50.0, -50.0, 50.0, -50.0, 50.0])  # background anchors at the extremes
+    return logits
+
+
+@pytest.mark.parametrize("on_cpu", [True, False])
+@pytest.mark.parametrize("alpha", [None, 0.25])
+@pytest.mark.parametrize("gamma", [0.0, 2.0, 1.5])
+def test_fused_focal_loss_equals_the_reference_in_value_and_gradient_at_extreme_logits(
+    gamma, alpha, on_cpu, monkeypatch
+):
+    import retinanet.loss as loss_module
+
+    monkeypatch.setattr(loss_module, "_on_cpu", lambda t: on_cpu)  # False: one block, scatter
+    monkeypatch.setattr(loss_module, "_FOCAL_BLOCK", 4 * 5)  # 4 anchors per block on the CPU path
+    monkeypatch.setattr(loss_module, "_FOCAL_MAX_BLOCKS", 100)
+    labels = torch.randint(-1, 5, (2, 30), generator=torch.Generator().manual_seed(0))
+    labels[1, -4:] = -1
+    valid = torch.ones(2, 30, dtype=torch.bool)
+    valid[0, 3] = False
+    reference = _logits_with_extremes(labels).requires_grad_()
+    dense = _dense_reference(reference, labels, valid, alpha, gamma)  # (2,) float64
+    (expected,) = torch.autograd.grad(dense.sum(), reference)
+    logits = reference.detach().float().requires_grad_()
+    fused = focal_loss_per_image(logits, labels, valid, alpha, gamma)  # (2,) float32
+    (got,) = torch.autograd.grad(fused.sum(), logits)
+    assert torch.isfinite(fused).all() and torch.isfinite(got).all()
+    torch.testing.assert_close(fused.double(), dense, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_focal_loss_of_bfloat16_logits_is_float32_with_bfloat16_gradients():
     logits = torch.randn(2, 30, 4).bfloat16().requires_grad_()
     labels = torch.randint(-1, 4, (2, 30))

@@ -11,9 +11,9 @@ from ray.train import RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retinanet.data import make_synthetic_coco
+from retinaops.job.resolved import resolve_job
 from retinaops.job.settings import Settings
 from retinaops.job.spec import JobSpec
-from retinaops.run.trainer import prepare_job
 from retinaops.run.worker import NonFiniteLossError, train_loop_per_worker
 
 pytestmark = pytest.mark.slow
@@ -55,14 +55,8 @@ def fit(poisoned, **train):
             },
         }
     )
-    job = prepare_job(spec, Settings.from_env({"RETINAOPS_HOME": str(root / "home")}))
-    config = {
-        "spec": job.spec.to_dict(),
-        "model": job.model.to_dict(),
-        "data": job.data,
-        "cache_dir": str(root / "cache"),
-        "s3_endpoint": None,
-    }
+    job, _ = resolve_job(spec, Settings.from_env({"RETINAOPS_HOME": str(root / "home")}))
+    config = {"job": job.to_dict(), "progress": None}
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,

@@ -83,59 +83,37 @@ def test_settings_are_frozen(tmp_path):
         Settings.from_env({}, cwd=tmp_path).ray_address = "auto"
 
 
-def test_resolve_fills_in_what_the_spec_leaves_out(tmp_path):
+def locations(settings, job_spec, cwd):
+    from retinaops.job.resolved import Locations
+
+    return Locations.of(job_spec.with_absolute_paths(cwd), settings)
+
+
+def test_locations_fill_in_what_the_spec_leaves_out(tmp_path):
     s = Settings.from_env({"RETINAOPS_S3_ENDPOINT": "http://minio:9000"}, cwd=tmp_path)
-    job = s.resolve(spec(), cwd=tmp_path)
-    assert job.tracking_uri == s.tracking_uri and job.storage_path == s.storage_path
-    assert job.storage_endpoint == "http://minio:9000"
-    assert (job.experiment, job.run_name) == ("retinanet", "job")
-    assert job.run_storage == f"{s.storage_path}/job"
-    assert job.spec.data.root == str(tmp_path / "data/shapes")  # workers run in other folders
+    where = locations(s, spec(), tmp_path)
+    assert where.tracking_uri == s.tracking_uri and where.storage_path == s.storage_path
+    assert where.storage_endpoint == "http://minio:9000"
+    assert where.data_cache == str(s.data_cache) and where.journal_root == str(s.home / "mlflow-journal")
+    assert spec().with_absolute_paths(tmp_path).data.root == str(
+        tmp_path / "data/shapes"
+    )  # workers run elsewhere
 
 
 def test_the_spec_wins_over_the_settings(tmp_path):
     s = Settings.from_env({"MLFLOW_TRACKING_URI": "http://env:5000"}, cwd=tmp_path)
-    job = s.resolve(
-        spec(
-            tracking={"tracking_uri": "http://spec:5000", "run_name": "r1", "experiment": "e"},
-            storage={"path": "s3://b/p", "endpoint": "http://spec-s3:9000"},
-        ),
-        cwd=tmp_path,
+    job_spec = spec(
+        tracking={"tracking_uri": "http://spec:5000", "run_name": "r1", "experiment": "e"},
+        storage={"path": "s3://b/p", "endpoint": "http://spec-s3:9000"},
     )
-    assert (job.tracking_uri, job.run_name, job.experiment) == ("http://spec:5000", "r1", "e")
-    assert (job.storage_path, job.storage_endpoint, job.run_storage) == (
-        "s3://b/p",
-        "http://spec-s3:9000",
-        "s3://b/p/job",
-    )
+    where = locations(s, job_spec, tmp_path)
+    assert where.tracking_uri == "http://spec:5000"
+    assert (where.storage_path, where.storage_endpoint) == ("s3://b/p", "http://spec-s3:9000")
 
 
 def test_a_relative_storage_path_in_the_spec_is_made_absolute(tmp_path):
-    job = Settings.from_env({}, cwd=tmp_path).resolve(spec(storage={"path": "out"}), cwd=tmp_path)
-    assert job.storage_path == str(tmp_path / "out")
-
-
-def test_describe_holds_no_secrets(tmp_path):
-    env = {**SECRETS, "MLFLOW_TRACKING_URI": "postgresql://user:pw-value@db/mlflow", "RAY_ADDRESS": "auto"}
-    text = repr(Settings.from_env(env, cwd=tmp_path).describe())
-    for value in [*SECRETS.values(), "pw-value"]:
-        assert value not in text
-    assert "postgresql://***@db/mlflow" in text
-
-
-def test_describe_says_where_everything_is(tmp_path):
-    described = Settings.from_env({}, cwd=tmp_path).describe()
-    assert set(described) == {
-        "home",
-        "ray_address",
-        "tracking_uri",
-        "artifact_root",
-        "storage_path",
-        "s3_endpoint",
-        "data_cache",
-    }
-    assert all(isinstance(v, str) for v in described.values())
-    assert "local Ray" in described["ray_address"]
+    where = locations(Settings.from_env({}, cwd=tmp_path), spec(storage={"path": "out"}), tmp_path)
+    assert where.storage_path == str(tmp_path / "out")
 
 
 def test_redact_removes_user_and_password_only():

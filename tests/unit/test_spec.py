@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 
 from retinanet.config import RetinaNetConfig
+from retinaops.job.data import check_data_paths
 from retinaops.job.spec import (
     JobSpec,
     SpecError,
     apply_overrides,
-    check_data_paths,
     load_spec,
     parse_overrides,
 )
@@ -55,13 +55,13 @@ def test_every_job_file_loads_and_round_trips(path):
     spec = load_spec(path)
     assert spec.source == str(path)
     assert JobSpec.from_dict(spec.to_dict()) == spec
-    assert isinstance(spec.detector_config(), RetinaNetConfig)
+    assert isinstance(RetinaNetConfig.from_dict(spec.model), RetinaNetConfig)
 
 
 def test_coco_job_has_the_paper_batch_and_lr():
     spec = load_spec(next(p for p in JOBS if p.name == "coco_r50_1x_8gpu.yaml"))
     assert (spec.global_batch_size, spec.effective_lr) == (16, 0.01)
-    assert spec.train.milestones == [8, 11] and spec.detector_config().min_size == 800
+    assert spec.train.milestones == [8, 11] and spec.model.get("min_size", 800) == 800
     assert spec.scaling.resources_per_worker()["GPU"] == 1.0
 
 
@@ -77,7 +77,6 @@ def test_sweep_jobs_are_multi_objective_optuna_with_asha():
 
 def test_a_spec_with_only_data_takes_every_default():
     spec = make()
-    assert spec.detector_config() == RetinaNetConfig()
     assert spec.model == {}  # as written: the trainer can tell "num_classes not given" from 80
     assert (spec.train.epochs, spec.scaling.num_workers, spec.sweep) == (12, 1, None)
 
@@ -93,21 +92,11 @@ def test_to_yaml_loads_back_to_an_equal_spec(tmp_path):
     assert load_spec(write(tmp_path, spec.to_yaml())) == spec
 
 
-def test_flat_params_are_dotted_strings_without_tags():
-    params = make(model={"anchor_scales": [1.0, 1.5]}, tracking={"tags": {"owner": "me"}}).flat_params()
-    assert params["train.epochs"] == "12"
-    assert params["model.anchor_scales"] == "[1.0, 1.5]"
-    assert params["data.root"] == "data/shapes" and params["data.synth"] == "null"
-    assert all(isinstance(v, str) for v in params.values())
-    assert not any(k.startswith("tracking.tags") for k in params)
-
-
-def test_flat_params_hold_no_secrets_from_the_environment(monkeypatch):
+def test_a_spec_holds_no_secrets_from_the_environment(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "t0ken-value")
-    text = json.dumps(make().flat_params()) + make().to_yaml()
+    text = json.dumps(make().to_dict()) + make().to_yaml()
     assert "s3cr3t-value" not in text and "t0ken-value" not in text
-    assert not any(w in k for k in make().flat_params() for w in ("secret", "password", "token"))
 
 
 def test_spec_hash_is_stable_and_follows_content():
@@ -123,7 +112,7 @@ def test_spec_hash_is_stable_and_follows_content():
 def test_the_model_section_is_kept_as_written():
     spec = make(model={"anchor_sizes": [16, 32, 64, 128, 256]})
     assert spec.model == {"anchor_sizes": [16, 32, 64, 128, 256]}
-    assert spec.detector_config().anchor_sizes == (16.0, 32.0, 64.0, 128.0, 256.0)
+    assert RetinaNetConfig.from_dict(spec.model).anchor_sizes == (16.0, 32.0, 64.0, 128.0, 256.0)
 
 
 def test_with_absolute_paths_pins_relative_local_paths_only(tmp_path):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ logger = logging.getLogger(__name__)
 PROG = "retinaops"
 
 from retinaops.cli import bench as b  # noqa: E402
+from retinaops.cli import demo as d  # noqa: E402
 from retinaops.cli import jobs as j  # noqa: E402
 from retinaops.cli import model as m  # noqa: E402
 from retinaops.cli import sweep as s  # noqa: E402
@@ -52,7 +54,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "train a detector on Ray from a job spec, tracked in MLflow", t.add_spec_args, t.cmd_train
     ),
     "demo": Command(
-        "the main job on embedded defaults (local Ray, MLflow, storage, data)", t.add_demo_args, t.cmd_demo
+        "the main job on embedded defaults (local Ray, MLflow, storage, data)", d.add_demo_args, d.cmd_demo
     ),
     "replay": Command(
         "send MLflow writes a run kept while the server was down", t.add_replay_args, t.cmd_replay
@@ -138,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if not os.environ.get("RAY_ADDRESS"):
+        # An embedded Ray binds 127.0.0.1 only with this set before ray is first imported (it is read
+        # into ray_constants then; no ray.init argument replaces it). The entry point of the process sets
+        # it, before any command imports ray; library modules never touch the environment.
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.run(args)
     except (ValueError, OSError) as exc:

@@ -40,9 +40,15 @@ def _device(name: str) -> Any:
     return device
 
 
-def _load_model(path: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
-    """The model in eval mode on device, and the checkpoint's `extra` dict (e.g. class_names)."""
+def _load_model(path: str | Path, device: Any, *, fuse: bool = False) -> tuple[Any, dict[str, Any]]:
+    """The model in eval mode on device, and the checkpoint's `extra` dict (e.g. class_names).
+
+    fuse: for inference only, a copy with BatchNorm folded into the convolutions
+    (`retinanet.fuse.fuse_frozen_bn`: same detections up to float rounding, faster); the memory
+    layout stays the model's own (channels_last is not switched on).
+    """
     from retinanet.checkpoint import read_checkpoint
+    from retinanet.fuse import fuse_frozen_bn
     from retinanet.model import RetinaNet
 
     path = _existing_file(path, "--checkpoint")
@@ -55,7 +61,8 @@ def _load_model(path: str | Path, device: Any) -> tuple[Any, dict[str, Any]]:
         raise ValueError(
             f"--checkpoint {path}: not a usable model file ({type(exc).__name__}: {exc})"
         ) from exc
-    return model.eval(), dict(extra or {})
+    model = fuse_frozen_bn(model, channels_last=False) if fuse else model.eval()
+    return model, dict(extra or {})
 
 
 def _add_model_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
@@ -68,16 +75,20 @@ def _add_model_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
 
 def _checkpoint_file(args: argparse.Namespace) -> str:
     """--checkpoint as given, or the model file of --model downloaded under RETINAOPS_HOME/models."""
-    if args.checkpoint is not None:
-        return args.checkpoint
+    if args.checkpoint is None:
+        args.checkpoint = str(model_file(args.model))
+    return args.checkpoint
+
+
+def model_file(uri: str) -> Path:
+    """The local model file of a models:/ or runs:/ URI, downloaded under RETINAOPS_HOME/models."""
     import re
 
     from retinaops.cli.sweep import resolve_model
     from retinaops.job.settings import Settings
 
-    cache = Settings.from_env().home / "models" / re.sub(r"[^A-Za-z0-9_.-]+", "_", args.model)
-    args.checkpoint = str(resolve_model(args.model, cache))
-    return args.checkpoint
+    cache = Settings.from_env().home / "models" / re.sub(r"[^A-Za-z0-9_.-]+", "_", uri)
+    return resolve_model(uri, cache)
 
 
 def _add_dataset_args(parser: argparse.ArgumentParser, default_split: str = "val") -> None:
@@ -95,8 +106,10 @@ def _dataset_files(args: argparse.Namespace) -> tuple[Path, Path]:
             raise ValueError(
                 "--images goes with --annotations, not with --data (which has its images inside)"
             )
+        from retinanet.data import split_file
+
         root = _existing_dir(args.data, "--data")
-        annotations = root / f"{args.split}.json"
+        annotations = split_file(root, args.split)
         if not annotations.is_file():
             raise FileNotFoundError(f"--data {root}: no {annotations.name} for --split {args.split}")
         return annotations, root
@@ -165,8 +178,10 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
         object_sizes=tuple(args.object_sizes) if args.object_sizes else None,
     )
     print(f"wrote a synthetic COCO set to {root}")
+    from retinanet.data import split_file
+
     for split in ("train", "val"):
-        data = json.loads((Path(root) / f"{split}.json").read_text())
+        data = json.loads(split_file(root, split).read_text())
         print(
             f"  {split}.json: {len(data['images'])} images, {len(data['annotations'])} objects, "
             f"{len(data['categories'])} classes"
@@ -260,32 +275,44 @@ def add_predict_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    _checkpoint_file(args)  # --model: download it first
+    if not 0.0 <= args.score_thresh <= 1.0:
+        raise ValueError(f"--score-thresh: expected a number in [0, 1], got {args.score_thresh}")
+    paths = [_existing_file(p, "IMAGE") for p in args.images]
+    predict_images(args.checkpoint, paths, Path(args.out), args.score_thresh, args.device, args.batch_size)
+    return 0
+
+
+def predict_images(
+    checkpoint: str | Path,
+    paths: list[Path],
+    out_dir: Path,
+    score_thresh: float,
+    device: str,
+    batch_size: int,
+) -> list[dict[str, Any]]:
+    """Detect, draw each image's detections >= score_thresh into out_dir, write detections.json there."""
     import torch
 
     from retinanet.data.images import read_image
     from retinanet.draw import draw_detections, label_name
 
-    _checkpoint_file(args)  # --model: download it first
-    if not 0.0 <= args.score_thresh <= 1.0:
-        raise ValueError(f"--score-thresh: expected a number in [0, 1], got {args.score_thresh}")
-    paths = [_existing_file(p, "IMAGE") for p in args.images]
-    device = _device(args.device)
-    model, extra = _load_model(args.checkpoint, device)
+    device = _device(device)
+    model, extra = _load_model(checkpoint, device, fuse=True)
     class_names = list(extra.get("class_names") or [])  # a label without a name is shown as its number
-    out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     used_names: set[str] = set()
-    for start in range(0, len(paths), args.batch_size):
-        batch_paths = paths[start : start + args.batch_size]
+    for start in range(0, len(paths), batch_size):
+        batch_paths = paths[start : start + batch_size]
         images = [read_image(p) for p in batch_paths]  # each (3, H, W) in [0, 1]
         with torch.inference_mode():
             outputs = model([img.to(device) for img in images])
         for path, image, det in zip(batch_paths, images, outputs, strict=True):
-            keep = det["scores"] >= args.score_thresh  # (K,)
+            keep = det["scores"] >= score_thresh  # (K,)
             det = {k: v[keep].cpu() for k, v in det.items()}
             name = _unique_name(path.stem, used_names) + ".png"
-            draw_detections(image, det, class_names, score_thresh=args.score_thresh).save(out_dir / name)
+            draw_detections(image, det, class_names, score_thresh=score_thresh).save(out_dir / name)
             boxes, scores, labels = det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist()
             found = [
                 {
@@ -301,10 +328,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 {"image": str(path), "output": name, "width": width, "height": height, "detections": found}
             )
             print(f"{path}: {len(found)} detections -> {out_dir / name}")
-    summary = {"checkpoint": str(args.checkpoint), "score_thresh": args.score_thresh, "images": records}
+    summary = {"checkpoint": str(checkpoint), "score_thresh": score_thresh, "images": records}
     _write_json(out_dir / "detections.json", summary, indent=1)
     print(f"wrote {out_dir / 'detections.json'}")
-    return 0
+    return records
 
 
 def _unique_name(stem: str, used: set[str]) -> str:
@@ -321,6 +348,11 @@ def add_latency_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed forwards first (default: 3)")
     parser.add_argument("--iters", type=_positive_int, default=10, help="timed forwards (default: 10)")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    parser.add_argument(
+        "--no-fuse",
+        action="store_true",
+        help="time the model as stored, without folding BatchNorm into the convolutions",
+    )
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
@@ -328,7 +360,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
 
     _checkpoint_file(args)  # --model: download it first
     device = _device(args.device)
-    model, _ = _load_model(args.checkpoint, device)
+    model, _ = _load_model(args.checkpoint, device, fuse=not args.no_fuse)
     result = measure_latency(
         model,
         image_size=args.size,

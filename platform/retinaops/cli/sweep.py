@@ -62,13 +62,17 @@ def add_leaderboard_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    return show_leaderboard(_tracker(), args.experiment, args.sweep, as_json=args.json)
+
+
+def show_leaderboard(tracker, experiment: str, sweep: str | None, *, as_json: bool = False) -> int:
+    """Print the leaderboard of a sweep (name or parent run id; None: the latest) of the experiment."""
     from retinaops.tracking.leaderboard import leaderboard
     from retinaops.tracking.registry import find_sweep, sweep_trials
 
-    tracker = _tracker()
-    parent = find_sweep(tracker, args.experiment, args.sweep)
+    parent = find_sweep(tracker, experiment, sweep)
     rows = leaderboard(sweep_trials(tracker, parent))
-    if args.json:
+    if as_json:
         print(
             json.dumps({"sweep": parent.info.run_name, "parent_run_id": parent.info.run_id, "trials": rows})
         )
@@ -123,11 +127,28 @@ def add_promote_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    name = args.name or f"retinanet-{args.experiment}"
+    return promote_trial(
+        _tracker(), args.experiment, args.sweep, args.rule, name, force=args.force, as_json=args.json
+    )
+
+
+def promote_trial(
+    tracker,
+    experiment: str,
+    sweep: str,
+    rule_text: str,
+    name: str,
+    *,
+    force: bool = False,
+    as_json: bool = False,
+) -> int:
+    """Promote the trial of the sweep that the rule picks to `name`@champion and say so; ValueError when
+    the rule is bad, no trial qualifies, or the champion is better (unless force)."""
     from retinaops.tracking.registry import CHAMPION, Rule, promote
 
-    rule = Rule.parse(args.rule)  # a bad rule fails before anything is read
-    name = args.name or f"retinanet-{args.experiment}"
-    done = promote(_tracker(), args.experiment, args.sweep, rule, name, force=args.force)
+    rule = Rule.parse(rule_text)  # a bad rule fails before anything is read
+    done = promote(tracker, experiment, sweep, rule, name, force=force)
     summary = {
         "name": done.name,
         "version": done.version,
@@ -139,7 +160,7 @@ def cmd_promote(args: argparse.Namespace) -> int:
         "previous_champion": done.previous,
         "model_uri": f"models:/{done.name}@{CHAMPION}",
     }
-    if args.json:
+    if as_json:
         print(json.dumps(summary))
     else:
         print(f"{done.name} version {done.version} is {CHAMPION} (trial {done.trial.name}, rule '{rule}')")

@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from retinaops.environ import ScopedEnviron
+
 if TYPE_CHECKING:
     from ray.job_submission import JobDetails, JobSubmissionClient
 
@@ -141,15 +143,10 @@ def connect(address: str | None = None, timeout: float = 5.0) -> JobSubmissionCl
         return JobSubmissionClient(address, headers=headers)
 
 
-@contextmanager
-def _address_as_given() -> Iterator[None]:
-    """JobSubmissionClient takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given:
-    hide them while it is built, so that --address means what it says."""
-    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
-    try:
-        yield
-    finally:
-        os.environ.update(saved)
+# JobSubmissionClient takes RAY_API_SERVER_ADDRESS or RAY_ADDRESS over the address it is given
+# (ray/dashboard/utils.py, get_address_for_submission_client; no argument turns that off): they are
+# hidden while it is built, so that --address means what it says.
+_address_as_given = ScopedEnviron({"RAY_API_SERVER_ADDRESS": None, "RAY_ADDRESS": None})
 
 
 @contextmanager

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from retinaops.job.spec import JobSpec
-
 _USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", re.IGNORECASE)
 
 
@@ -37,35 +35,6 @@ def _absolute(location: str, cwd: Path) -> str:
 def redact(uri: str) -> str:
     """The URI without user:password@, e.g. for printing a postgresql:// or http:// tracking URI."""
     return _USERINFO.sub(r"\1***@", uri)
-
-
-@dataclass(frozen=True, kw_only=True)
-class ResolvedJob:
-    """A spec with everything it needs to run filled in: settings where the spec leaves a value out."""
-
-    spec: JobSpec
-    """The spec, with relative local paths made absolute (Ray workers run in other folders)."""
-    ray_address: str | None
-    """Address of the Ray cluster; None: start a local Ray in this process."""
-    tracking_uri: str
-    """MLflow tracking URI (spec.tracking.tracking_uri, else the settings')."""
-    experiment: str
-    """MLflow experiment name."""
-    run_name: str
-    """MLflow run name: spec.tracking.run_name, else the job name."""
-    artifact_root: str
-    """Artifact location for experiments this job creates on a file/SQLite store."""
-    storage_path: str
-    """Ray Train storage_path: absolute folder or s3://bucket/prefix; the job writes under {storage_path}/{name}."""
-    storage_endpoint: str | None
-    """S3-compatible endpoint URL for storage_path (spec.storage.endpoint, else the settings')."""
-    data_cache: Path
-    """Local folder for data copied from s3://."""
-
-    @property
-    def run_storage(self) -> str:
-        """Where this job's checkpoints and results go: {storage_path}/{spec.name}."""
-        return f"{self.storage_path.rstrip('/')}/{self.spec.name}"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -87,6 +56,11 @@ class Settings:
     data_cache: Path
     """{home}/cache: local copies of s3:// data."""
 
+    @property
+    def journal_root(self) -> Path:
+        """{home}/mlflow-journal: where runs keep the MLflow writes the server could not take."""
+        return self.home / "mlflow-journal"
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, cwd: str | Path | None = None) -> Settings:
         """Settings from env (default os.environ); relative local paths resolve against cwd (default: the cwd)."""
@@ -102,32 +76,3 @@ class Settings:
             s3_endpoint=_get(env, "RETINAOPS_S3_ENDPOINT", "AWS_ENDPOINT_URL"),
             data_cache=home / "cache",
         )
-
-    def resolve(self, spec: JobSpec, cwd: str | Path | None = None) -> ResolvedJob:
-        """The spec's values where it sets them, these settings elsewhere; local paths made absolute."""
-        base = Path.cwd() if cwd is None else Path(cwd)
-        return ResolvedJob(
-            spec=spec.with_absolute_paths(base),
-            ray_address=self.ray_address,
-            tracking_uri=spec.tracking.tracking_uri or self.tracking_uri,
-            experiment=spec.tracking.experiment,
-            run_name=spec.tracking.run_name or spec.name,
-            artifact_root=self.artifact_root,
-            storage_path=_absolute(spec.storage.path, base) if spec.storage.path else self.storage_path,
-            storage_endpoint=spec.storage.endpoint or self.s3_endpoint,
-            data_cache=self.data_cache,
-        )
-
-    def describe(self) -> dict[str, str]:
-        """Printable settings: no secrets (none are read), and URIs without user:password@."""
-        return {
-            "home": str(self.home),
-            "ray_address": redact(self.ray_address)
-            if self.ray_address
-            else "(local Ray, started in-process)",
-            "tracking_uri": redact(self.tracking_uri),
-            "artifact_root": redact(self.artifact_root),
-            "storage_path": redact(self.storage_path),
-            "s3_endpoint": redact(self.s3_endpoint) if self.s3_endpoint else "(AWS default)",
-            "data_cache": str(self.data_cache),
-        }

@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from retinanet.layout import METRIC_NAMES
 from retinaops.job.paths import Issue, Section, nearest, raise_issues
 
-METRICS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "latency_ms")
+OBJECTIVE_METRICS = (*METRIC_NAMES, "latency_ms")
 PARAM_KINDS = ("choice", "grid", "uniform", "loguniform", "randint")
 SET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
@@ -84,7 +85,7 @@ class ParamSpec(Section):
 
 
 class Objective(Section):
-    metric: Literal["AP", "AP50", "AP75", "APs", "APm", "APl", "latency_ms"] = Field(
+    metric: Literal[OBJECTIVE_METRICS] = Field(  # type: ignore[valid-type]  # the tuple's strings
         "AP", description="A metric every trial reports: COCO AP on val, or latency_ms per image."
     )
     mode: Literal["max", "min"] = Field("max", description="max for AP metrics, min for latency_ms.")

@@ -1,7 +1,7 @@
 """The job spec: one YAML file says what to train, on which data, with what resources; checked before anything starts.
 
     spec = load_spec("jobs/demo.yaml", ["train.epochs=3"])   # SpecError lists every problem, one per line
-    cfg = spec.detector_config()                             # the embedded retinanet.RetinaNetConfig
+    job = resolve_job(spec, Settings.from_env())             # retinaops.job.resolved: what runs, resolved once
 
 Relative local paths in a spec are relative to the working directory of the process that reads them;
 `JobSpec.with_absolute_paths()` pins them before the spec travels to Ray workers. Data and storage may
@@ -22,14 +22,14 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from retinanet.config import RetinaNetConfig
+from retinanet.config import ConfigError, RetinaNetConfig
+from retinanet.layout import split_file
 from retinaops.job.augment import AugmentSpec
 from retinaops.job.paths import (
     Issue,
     Issues,
     Section,
     SpecError,
-    flatten,
     leaf_paths,
     nearest,
     parse_overrides,
@@ -42,11 +42,10 @@ from retinaops.job.paths import error_lines as error_lines_at
 from retinaops.job.space import SweepSpec, space_issues
 from retinaops.job.synth import SynthSpec
 
-__all__ = ["JobSpec", "SpecError", "apply_overrides", "check_data_paths", "load_spec", "parse_overrides"]
+__all__ = ["JobSpec", "SpecError", "apply_overrides", "load_spec", "parse_overrides"]
 
 SLUG = re.compile(r"[A-Za-z0-9_.-]+")
 SECRET_WORDS = ("token", "secret", "password", "key")
-_CONFIG_ERROR = re.compile(r"RetinaNetConfig\.(\w+): (.*)", re.DOTALL)
 _URI_PASSWORD = re.compile(r"[a-z][a-z0-9+.-]*://[^/@]*:[^/@]*@", re.IGNORECASE)
 
 
@@ -69,6 +68,10 @@ def _no_password(path: tuple[str, ...], uri: str | None) -> list[Issue]:
 class SplitSpec(Section):
     annotations: str = Field(description="COCO instances JSON: a local path or s3://bucket/key.")
     images: str = Field(description="Folder the file_names in annotations are relative to.")
+
+    def annotations_path(self) -> Path:
+        """The annotations as a local path (for a local split)."""
+        return Path(self.annotations).expanduser()
 
 
 class DataSpec(Section):
@@ -110,7 +113,9 @@ class DataSpec(Section):
         """Where a split's annotations and images are, whichever way the spec gave them."""
         if self.root is None:
             return getattr(self, name)
-        return SplitSpec(annotations=f"{self.root.rstrip('/')}/{name}.json", images=self.root)
+        if _is_local(self.root):
+            return SplitSpec(annotations=str(split_file(self.root, name)), images=self.root)
+        return SplitSpec(annotations=f"{self.root.rstrip('/')}/{split_file('', name).name}", images=self.root)
 
 
 class TrainSpec(Section):
@@ -233,9 +238,8 @@ class JobSpec(Section):
         raise_issues([Issue((k,), "", nearest(k, known), unknown=True) for k in unknown])
         try:
             RetinaNetConfig.from_dict(model)
-        except (ValueError, TypeError) as exc:
-            found = _CONFIG_ERROR.fullmatch(str(exc))
-            raise Issues([Issue((found[1],), found[2]) if found else Issue((), str(exc))]) from None
+        except ConfigError as exc:
+            raise Issues([Issue((name,), message) for name, message in exc.problems]) from None
         return model  # as written: a field left out (e.g. num_classes) stays distinguishable from its default
 
     @model_validator(mode="after")
@@ -288,10 +292,6 @@ class JobSpec(Section):
         """The file (or other source) the spec came from; it prefixes SpecErrors about this spec."""
         return self._source
 
-    def detector_config(self) -> RetinaNetConfig:
-        """The model section as a RetinaNetConfig; fields it leaves out take the config's defaults."""
-        return RetinaNetConfig.from_dict(self.model)
-
     @property
     def global_batch_size(self) -> int:
         return self.train.batch_size * self.scaling.num_workers
@@ -307,11 +307,6 @@ class JobSpec(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-    def flat_params(self) -> dict[str, str]:
-        """Dotted key -> value as a string (JSON unless a string), for MLflow params; tags are left out."""
-        flat = {k: v for k, v in flatten(self.to_dict()).items() if not k.startswith("tracking.tags")}
-        return {k: v if isinstance(v, str) else json.dumps(v) for k, v in flat.items()}
 
     def spec_hash(self) -> str:
         """12 hex digits of the sha256 of the canonical JSON: equal specs, equal hashes."""
@@ -333,29 +328,6 @@ class JobSpec(Section):
         root = Path.cwd() if base is None else Path(base)
         absolute = {k: str((root / Path(v).expanduser()).absolute()) for k, v in self.local_paths().items()}
         return JobSpec.from_dict(apply_overrides(self.to_dict(), absolute), self.source)
-
-
-def check_data_paths(spec: JobSpec) -> None:
-    """SpecError naming each missing local input (data, backbone_weights); root may be missing with synth."""
-    problems = []
-    paths = {k: Path(v).expanduser() for k, v in spec.local_paths().items()}
-    root = paths.get("data.root")
-    if root is not None and not root.exists():
-        if spec.data.synth is None:
-            problems.append(f"data.root: no such folder: {root} (data.synth generates one)")
-    elif root is not None and not root.is_dir():
-        problems.append(f"data.root: not a folder: {root}")
-    elif root is not None:
-        for split in ("train", "val"):
-            if not (root / f"{split}.json").is_file():
-                problems.append(f"data.root: no {split}.json in {root}")
-    for key, path in paths.items():
-        if key.endswith(".images") and not path.is_dir():
-            problems.append(f"{key}: no such folder: {path}")
-        elif key.endswith((".annotations", "backbone_weights")) and not path.is_file():
-            problems.append(f"{key}: no such file: {path}")
-    if problems:
-        raise SpecError(spec.source, problems)
 
 
 # -- YAML files and overrides -------------------------------------------------------------------------

@@ -1,7 +1,7 @@
-"""The Ray Tune sweep, driver side: one MLflow parent run per sweep, a Tuner over `trial.run_trial`.
+"""The Ray Tune sweep, driver side: one MLflow parent run per sweep, a Tuner over `run.trial.run_trial`.
 
 The driver (`retinaops sweep`) checks the spec and the data, opens the parent run and runs a Tuner whose
-trainable is `trial.run_trial` (one child run and one TorchTrainer per trial). Each run has one writer at
+trainable is `run.trial.run_trial` (one child run and one TorchTrainer per trial). Each run has one writer at
 a time: the trial function while it lives; the driver after Tune has stopped it (ASHA) or it died.
 
 A sweep whose driver died resumes by name (`Tuner.restore`). Tune snapshots its state every few seconds,
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -25,11 +24,12 @@ from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
-from retinaops.cluster.storage import StorageLocation, ensure_bucket
+from retinaops.environ import ScopedEnviron
+from retinaops.job.resolved import Job, resolve_job
 from retinaops.job.settings import Settings
 from retinaops.job.space import SweepSpec
 from retinaops.job.spec import JobSpec
-from retinaops.run.trainer import PreparedJob, ensure_ray, prepare_job, run_tags
+from retinaops.run.trainer import ensure_ray, run_tags, storage_of
 from retinaops.run.trial import (
     ERROR_TAG,
     SWEEP_TAG,
@@ -41,6 +41,7 @@ from retinaops.run.trial import (
     finish_trial,
     run_trial,
 )
+from retinaops.storage import StorageLocation
 from retinaops.tracking.leaderboard import Trial, leaderboard, plot_pareto, write_leaderboard_csv
 from retinaops.tracking.registry import SWEEP_KIND_TAG, sweep_trials
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
@@ -50,6 +51,10 @@ logger = logging.getLogger(__name__)
 # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs. Tune
 # wants a non-empty bundle and any CPU share would keep the last trial's worker out: one byte of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
+# Epochs between evaluations (train.eval_every > 1) report no AP: the scheduler and the search wait for
+# the next report that has it instead of failing the trial. Tune reads this switch from the environment
+# only (ray/tune/execution/tune_controller.py, _validate_result_metrics), for the length of fit().
+LENIENT_METRICS = ScopedEnviron({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"})
 TIME_ATTR = "epochs_done"  # ASHA's clock (ResumableASHA sets it from each report's epoch)
 
 
@@ -118,7 +123,7 @@ class ResumableASHA(ASHAScheduler):
         child = find_child(tracker, self.experiment, self.parent_run_id, trial.trial_id)
         if child is None:
             return
-        history = tracker.client.get_metric_history(child.info.run_id, self.metric)
+        history = tracker.metric_history(child.info.run_id, self.metric)
         for point in sorted(history, key=lambda m: m.step):  # step = epoch
             self.on_trial_result(
                 tune_controller, trial, {TIME_ATTR: point.step + 1, self.metric: point.value}
@@ -172,33 +177,16 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
     if spec.sweep is None:
         raise ValueError(f"{spec.source}: no sweep section (retinaops train runs a single job)")
     started = time.monotonic()
-    job = prepare_job(spec, settings)
-    spec = job.spec
-    tracking_uri = spec.tracking.tracking_uri or settings.tracking_uri
-    tracker = Tracker(tracking_uri, str(settings.artifact_root))
+    job, _ = resolve_job(spec, settings)
+    spec, where = job.spec, job.where
+    tracking_uri = where.tracking_uri
+    tracker = Tracker(tracking_uri, where.artifact_root, journal_root=where.journal_root)
     sweep_name = resume or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     tags = run_tags(job)
     parent_run_id = open_parent(tracker, job, sweep_name, tags, resume=resume is not None)
     ensure_ray(settings)
-    storage = StorageLocation(
-        spec.storage.path or settings.storage_path, spec.storage.endpoint or settings.s3_endpoint
-    )
-    ensure_bucket(storage)
-    base = {k: v for k, v in spec.to_dict().items() if k != "sweep"}
-    context = SweepContext(
-        base,
-        spec.to_dict()["sweep"],
-        job.model.num_classes,
-        job.data,
-        job.fingerprint,
-        job.class_names,
-        settings,
-        tracking_uri,
-        spec.tracking.experiment,
-        parent_run_id,
-        sweep_name,
-        tags,
-    )
+    storage = storage_of(job)
+    context = SweepContext(job.to_dict(), parent_run_id, sweep_name, tags)
     trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), TRIAL_DRIVER_RESOURCES)
     path = f"{storage.path.rstrip('/')}/{sweep_name}"
     if resume is not None:
@@ -236,16 +224,14 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
                 failure_config=tune.FailureConfig(max_failures=0),  # Train already restarts failed workers
             ),
         )
-    # Epochs between evaluations (train.eval_every > 1) report no AP: the scheduler and the search
-    # wait for the next report that has it instead of failing the trial.
-    os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
     try:
-        grid = tuner.fit()
+        with LENIENT_METRICS():
+            grid = tuner.fit()
         settle_trials(tracker, context, grid, storage)
     except BaseException as exc:
         fail_trial(tracker, parent_run_id, exc, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         raise
-    parent = tracker.client.get_run(parent_run_id)
+    parent = tracker.get_run(parent_run_id)
     trials = sweep_trials(tracker, parent)
     rows = leaderboard(trials)
     log_summary(tracker, parent_run_id, spec.sweep, trials, rows)
@@ -253,24 +239,21 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
     return SweepOutcome(sweep_name, parent_run_id, spec.tracking.experiment, rows, time.monotonic() - started)
 
 
-def open_parent(
-    tracker: Tracker, job: PreparedJob, sweep_name: str, tags: dict[str, str], *, resume: bool
-) -> str:
+def open_parent(tracker: Tracker, job: Job, sweep_name: str, tags: dict[str, str], *, resume: bool) -> str:
     """The sweep's parent run: a new one, or on resume the run of that name, set running again."""
     spec = job.spec
     if resume:
         exp_id = tracker.experiment_id(spec.tracking.experiment)
         query = f"tags.`{SWEEP_KIND_TAG}` = 'sweep' and tags.`{SWEEP_TAG}` = '{sweep_name}'"
-        found = tracker.client.search_runs([exp_id], query, max_results=1)
+        found = tracker.search_runs([exp_id], query, max_results=1)
         if not found:
             raise ValueError(
                 f"--resume {sweep_name}: no such sweep in experiment {spec.tracking.experiment!r}"
             )
-        tracker.client.update_run(found[0].info.run_id, status="RUNNING")
+        tracker.set_status(found[0].info.run_id, "RUNNING")
         return found[0].info.run_id
     all_tags = {**tags, SWEEP_KIND_TAG: "sweep", SWEEP_TAG: sweep_name}
-    params = {**spec.flat_params(), "model.num_classes": job.model.num_classes}
-    run_id = tracker.start_run(spec.tracking.experiment, sweep_name, params=params, tags=all_tags)
+    run_id = tracker.start_run(spec.tracking.experiment, sweep_name, params=job.params(), tags=all_tags)
     space = {k: p.model_dump(mode="json", exclude_none=True) for k, p in spec.sweep.space.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in (("spec.yaml", spec.to_yaml()), ("search_space.json", json.dumps(space, indent=1))):
@@ -286,7 +269,7 @@ def settle_trials(tracker: Tracker, context: SweepContext, grid, storage: Storag
 
     results = {r.metrics["trial_id"]: r for r in grid}  # Tune sets trial_id, reported or not
     exp_id = tracker.experiment_id(context.experiment)
-    running = tracker.client.search_runs(
+    running = tracker.search_runs(
         [exp_id], f"tags.`{PARENT_TAG}` = '{context.parent_run_id}' and attributes.status = 'RUNNING'"
     )
     for child in running:

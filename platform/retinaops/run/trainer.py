@@ -1,146 +1,35 @@
-"""The driver side of a training job: check everything, then one TorchTrainer and one MLflow run.
+"""The driver side of a training job: resolve it, then one TorchTrainer and one MLflow run.
 
-`prepare_job` runs before Ray starts (bad specs and bad data fail here, nothing written);
-`build_trainer` is shared with sweeps; `run_training` is what `retinaops train` calls.
+`resolve_job` (retinaops.job.resolved) runs before Ray starts (bad specs and bad data fail there, nothing
+written); `build_trainer` is shared with sweeps; `run_training` is what `retinaops train` calls.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-if not os.environ.get("RAY_ADDRESS"):
-    # An embedded Ray binds 127.0.0.1 only when this is set before ray is imported.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+import ray
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
-import ray  # noqa: E402
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig  # noqa: E402
-from ray.train.torch import TorchTrainer  # noqa: E402
-
-from retinanet import RetinaNetConfig  # noqa: E402
-from retinanet.data import load_coco, make_synthetic_coco  # noqa: E402
-from retinanet.data.synth import recorded_params, synth_params  # noqa: E402
-from retinaops.cluster.storage import StorageLocation, ensure_bucket, is_s3, materialize  # noqa: E402
-from retinaops.job.settings import Settings, redact  # noqa: E402
-from retinaops.job.spec import JobSpec, SpecError, check_data_paths  # noqa: E402
-from retinaops.run.callback import MLflowCallback  # noqa: E402
-from retinaops.run.progress import ProgressDisplay, follow_progress  # noqa: E402
-from retinaops.run.worker import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker  # noqa: E402
-from retinaops.tracking.tracker import Tracker  # noqa: E402
+from retinaops.job.resolved import Job, resolve_job
+from retinaops.job.settings import Settings, redact
+from retinaops.job.spec import JobSpec, SpecError
+from retinaops.run.callback import MLflowCallback
+from retinaops.run.progress import ProgressDisplay, follow_progress
+from retinaops.run.worker import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker
+from retinaops.storage import StorageLocation, ensure_bucket
+from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PreparedJob:
-    """A spec checked against its data, with everything the workers need resolved."""
-
-    spec: JobSpec
-    model: RetinaNetConfig
-    data: dict[str, str]  # train/val annotations and images: local paths or s3:// URIs
-    fingerprint: str
-    class_names: list[str]
-    data_summary: dict[str, Any] = field(default_factory=dict)
-
-
-def data_locations(spec: JobSpec) -> dict[str, str]:
-    """Train/val annotation files and image folders; local paths made absolute (workers run elsewhere)."""
-    d = spec.data
-    if d.root is not None:
-        root = d.root.rstrip("/")
-        found = {
-            "train_annotations": f"{root}/train.json",
-            "train_images": root,
-            "val_annotations": f"{root}/val.json",
-            "val_images": root,
-        }
-    else:
-        found = {
-            "train_annotations": d.train.annotations,
-            "train_images": d.train.images,
-            "val_annotations": d.val.annotations,
-            "val_images": d.val.images,
-        }
-    return {k: v if is_s3(v) else str(Path(v).expanduser().resolve()) for k, v in found.items()}
-
-
-def fingerprint_data(coco_dicts: list[dict], annotation_files: list[Path]) -> str:
-    """Hash of the annotation files and the image lists: two runs on the same data share it."""
-    digest = hashlib.sha256()
-    for path in annotation_files:
-        digest.update(path.read_bytes())
-    for coco in coco_dicts:
-        digest.update("\n".join(sorted(im["file_name"] for im in coco["images"])).encode())
-    return digest.hexdigest()[:16]
-
-
-def prepare_job(spec: JobSpec, settings: Settings) -> PreparedJob:
-    """Everything that can fail before Ray starts: data paths, COCO validation, the model config."""
-    spec = spec.with_absolute_paths()  # workers run in other folders
-    if spec.data.root is not None and spec.data.synth is not None and not is_s3(spec.data.root):
-        root, arguments = Path(spec.data.root), spec.data.synth.arguments()
-        wanted = synth_params(**arguments)
-        if not (root / "train.json").is_file():
-            logger.info("generating the synthetic dataset in %s", root)
-            make_synthetic_coco(root, **arguments)
-        elif (found := recorded_params(root)) != wanted:
-            made = ", ".join(f"{k}={v}" for k, v in found.items()) if found else "settings it does not record"
-            raise SpecError(
-                spec.source,
-                [
-                    f"data.root: {root} holds a synthetic set made with {made}, not the data.synth of this "
-                    "spec; delete the folder to generate it anew, or set another data.root"
-                ],
-            )
-    check_data_paths(spec)
-    data = data_locations(spec)
-    endpoint = spec.storage.endpoint or settings.s3_endpoint
-    local = {k: materialize(v, settings.data_cache, endpoint) for k, v in data.items()}
-    summary, cocos = {}, []
-    for split in ("train", "val"):
-        coco, report = load_coco(
-            local[f"{split}_annotations"], local[f"{split}_images"], strict=spec.data.strict
-        )
-        if not coco["images"]:
-            raise SpecError(
-                spec.source, [f"data.{split}: {local[f'{split}_annotations']} has no usable images"]
-            )
-        summary[split] = {
-            "images": len(coco["images"]),
-            "annotations": len(coco["annotations"]),
-            "dropped": report.num_dropped,
-        }
-        cocos.append(coco)
-    train_cats = sorted(c["id"] for c in cocos[0]["categories"])
-    val_cats = sorted(c["id"] for c in cocos[1]["categories"])
-    if train_cats != val_cats:
-        raise SpecError(
-            spec.source, [f"data: train and val name different categories ({train_cats} vs {val_cats})"]
-        )
-    names = {c["id"]: c["name"] for c in cocos[0]["categories"]}
-    model_fields = dict(spec.model)
-    if model_fields.get("num_classes", len(train_cats)) != len(train_cats):
-        raise SpecError(
-            spec.source,
-            [
-                f"model.num_classes: the data has {len(train_cats)} categories, got {model_fields['num_classes']}"
-            ],
-        )
-    model_fields["num_classes"] = len(train_cats)
-    try:
-        model = RetinaNetConfig.from_dict(model_fields)
-    except ValueError as exc:
-        raise SpecError(spec.source, [f"model: {exc}"]) from exc
-    fingerprint = fingerprint_data(cocos, [local["train_annotations"], local["val_annotations"]])
-    return PreparedJob(spec, model, data, fingerprint, [names[i] for i in train_cats], summary)
 
 
 def ensure_ray(settings: Settings) -> None:
@@ -153,23 +42,18 @@ def ensure_ray(settings: Settings) -> None:
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
 
 
-def build_trainer(
-    job: PreparedJob, settings: Settings, *, name: str, callbacks: list, progress: Any = None
-) -> TorchTrainer:
-    spec = job.spec
-    storage = StorageLocation(
-        spec.storage.path or settings.storage_path, spec.storage.endpoint or settings.s3_endpoint
-    )
+def storage_of(job: Job) -> StorageLocation:
+    """Where the job's checkpoints and results go, the bucket made if missing."""
+    storage = StorageLocation(job.where.storage_path, job.where.storage_endpoint)
     ensure_bucket(storage)
+    return storage
+
+
+def build_trainer(job: Job, *, name: str, callbacks: list, progress: Any = None) -> TorchTrainer:
+    spec, storage = job.spec, storage_of(job)
     resources = spec.scaling.resources_per_worker()
-    config = {
-        "spec": spec.to_dict(),
-        "model": job.model.to_dict(),
-        "data": job.data,
-        "cache_dir": str(settings.data_cache),
-        "s3_endpoint": storage.endpoint,
-        "progress": progress,  # a ProgressBoard for rank 0's posts (progress.py), or None
-    }
+    # The job travels whole, once; a ProgressBoard (progress.py) for rank 0's posts, or None.
+    config = {"job": job.to_dict(), "progress": progress}
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=config,
@@ -202,8 +86,9 @@ def forwarded_env() -> dict[str, str]:
     return {k: os.environ[k] for k in FORWARDED if k in os.environ}
 
 
-def run_tags(job: PreparedJob) -> dict[str, str]:
-    import mlflow
+def run_tags(job: Job) -> dict[str, str]:
+    from importlib.metadata import version
+
     import torch
 
     try:
@@ -217,11 +102,11 @@ def run_tags(job: PreparedJob) -> dict[str, str]:
     return {
         **spec.tracking.tags,
         "git_commit": commit,
-        "data_fingerprint": job.fingerprint,
+        "data_fingerprint": job.data.fingerprint,
         "spec_hash": spec.spec_hash(),
         "torch_version": torch.__version__,
         "ray_version": ray.__version__,
-        "mlflow_version": mlflow.__version__,
+        "mlflow_version": version("mlflow"),
         "device": device,
         "num_workers": str(spec.scaling.num_workers),
     }
@@ -270,29 +155,23 @@ def check_cluster_resources(
 
 def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     started = time.monotonic()
-    job = prepare_job(spec, settings)
+    job, _ = resolve_job(spec, settings)
     ensure_ray(settings)
     address = settings.ray_address or "(embedded)"
     check_cluster_resources(job.spec, ray.cluster_resources(), address, fixed=not settings.ray_address)
-    tracking_uri = spec.tracking.tracking_uri or settings.tracking_uri
-    journal_root = settings.home / "mlflow-journal"
-    tracker = Tracker(tracking_uri, str(settings.artifact_root), journal_root=journal_root)
+    where = job.where
+    tracker = Tracker(where.tracking_uri, where.artifact_root, journal_root=where.journal_root)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_name = spec.tracking.run_name or f"{spec.name}-{stamp}"
-    params = {
-        **spec.flat_params(),
-        "model.num_classes": job.model.num_classes,
-        "derived.global_batch_size": spec.global_batch_size,
-        "derived.effective_lr": spec.effective_lr,
-    }
-    run_id = tracker.start_run(spec.tracking.experiment, run_name, params=params, tags=run_tags(job))
-    logger.info("MLflow run %s in experiment %r at %s", run_id, spec.tracking.experiment, tracking_uri)
-    callback = MLflowCallback(tracking_uri, run_id, journal_root)
-    step_tracker = Tracker(tracking_uri, journal_root=journal_root, writer="progress")  # from its own thread
+    run_id = tracker.start_run(job.experiment, run_name, params=job.params(), tags=run_tags(job))
+    logger.info("MLflow run %s in experiment %r at %s", run_id, job.experiment, redact(where.tracking_uri))
+    callback = MLflowCallback(where.tracking_uri, run_id, where.journal_root)
+    # The step losses are logged from the progress thread, by a tracker of its own.
+    step_tracker = Tracker(where.tracking_uri, journal_root=where.journal_root, writer="progress")
     try:
         with follow_progress(ProgressDisplay(), step_tracker, run_id) as board:
             name = f"{run_name}-{run_id[:8]}"
-            trainer = build_trainer(job, settings, name=name, callbacks=[callback], progress=board)
+            trainer = build_trainer(job, name=name, callbacks=[callback], progress=board)
             result = trainer.fit()
     except BaseException as exc:
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
@@ -313,8 +192,8 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     journal = where_kept(tracker, run_id)
     return TrainingOutcome(
         run_id,
-        spec.tracking.experiment,
-        tracking_uri,
+        job.experiment,
+        where.tracking_uri,
         checkpoint_uri,
         dict(result.metrics or {}),
         model_uri,
@@ -369,15 +248,13 @@ def prune_orphan_checkpoints(result) -> list[str]:
     return removed
 
 
-def log_final_artifacts(tracker: Tracker, run_id: str, job: PreparedJob, checkpoint_dir: Path) -> str | None:
+def log_final_artifacts(tracker: Tracker, run_id: str, job: Job, checkpoint_dir: Path) -> str | None:
     """The resolved spec, the final model, evaluation files, plots and the pyfunc model."""
     from retinaops.tracking.report import draw_samples, plot_pr_curve
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp, "spec.yaml")
-        resolved = job.spec.to_dict()
-        resolved["model"] = job.model.to_dict()
-        spec_path.write_text(JobSpec.from_dict(resolved).to_yaml())
+        spec_path.write_text(job.spec.to_yaml())  # the model section complete
         tracker.log_artifact(run_id, spec_path)
         for name in (MODEL_FILE, EVAL_FILE, PREDICTIONS_FILE):
             if Path(checkpoint_dir, name).is_file():

@@ -1,6 +1,6 @@
 """One trial of a sweep, run by Ray Tune in the trial's actor: its child run and its TorchTrainer.
 
-`run_trial` is the Tune function trainable. It builds the trial's spec from the sampled values, opens
+`run_trial` is the Tune function trainable. It builds the trial's job from the sampled values, opens
 (or, on a resumed sweep, reopens) the trial's MLflow child run and fits a TorchTrainer whose
 `MLflowCallback` logs every epoch into that run and whose `TuneReportCallback` hands the same reports
 to Tune for the search and ASHA. A trial whose child run already finished (the driver died after it)
@@ -20,13 +20,11 @@ from ray import tune
 from ray.train import ControllerError, WorkerGroupError
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from retinanet import RetinaNetConfig
-from retinaops.job.settings import Settings
+from retinaops.job.resolved import Job
 from retinaops.job.space import SweepSpec
-from retinaops.job.spec import JobSpec, apply_overrides
 from retinaops.run.callback import MLflowCallback
 from retinaops.run.progress import ProgressDisplay, follow_progress
-from retinaops.run.trainer import PreparedJob, build_trainer, prepare_job, prune_orphan_checkpoints
+from retinaops.run.trainer import build_trainer, prune_orphan_checkpoints
 from retinaops.run.worker import EVAL_FILE, MODEL_FILE
 from retinaops.tracking.registry import TRIAL_PARAM_PREFIX
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
@@ -43,29 +41,31 @@ ERROR_TAG = "error"  # "Type: first line" of what ended a failed trial
 class SweepContext:
     """What every trial needs besides its sampled values; shipped to trials by `tune.with_parameters`."""
 
-    spec: dict[str, Any]  # the checked spec without its sweep section, local paths absolute
-    sweep: dict[str, Any]
-    num_classes: int
-    data: dict[str, str]
-    fingerprint: str
-    class_names: list[str]
-    settings: Settings
-    tracking_uri: str
-    experiment: str
+    job: dict[str, Any]  # the sweep's resolved Job (retinaops.job.resolved), as Job.to_dict gives it
     parent_run_id: str
     sweep_name: str
     tags: dict[str, str]  # lineage tags computed by the driver (git commit, versions, data fingerprint)
 
+    @property
+    def experiment(self) -> str:
+        return self.job["spec"]["tracking"]["experiment"]
 
-def run_trial(config: dict[str, Any], context: SweepContext) -> None:
-    """Tune function trainable: the trial's spec, its child run, one TorchTrainer."""
-    sweep = SweepSpec.model_validate(context.sweep)
-    trial_id = tune.get_context().get_trial_id()
-    # Tune samples numpy scalars for ranges; the spec is strict about types.
-    sampled = {
+
+def sampled_values(config: dict[str, Any], sweep: SweepSpec) -> dict[str, Any]:
+    """What Tune sampled for the space's keys, as plain Python values: Tune samples numpy scalars for
+    ranges, and the spec is strict about types. The one conversion a sampled value goes through."""
+    return {
         k: config[k].item() if hasattr(config[k], "item") else config[k] for k in sweep.space if k in config
     }
-    tracker = Tracker(context.tracking_uri, str(context.settings.artifact_root))
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """Tune function trainable: the trial's job, its child run, one TorchTrainer."""
+    base = Job.from_dict(context.job)
+    sweep, where = base.spec.sweep, base.where
+    trial_id = tune.get_context().get_trial_id()
+    sampled = sampled_values(config, sweep)
+    tracker = Tracker(where.tracking_uri, where.artifact_root, journal_root=where.journal_root)
     existing = find_child(tracker, context.experiment, context.parent_run_id, trial_id)
     if existing is not None and existing.info.status == "FINISHED":
         # Finished before the driver died, and Tune's last snapshot did not know yet: report, don't retrain.
@@ -76,20 +76,23 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     attempts = int(existing.data.tags.get(ATTEMPTS_TAG, 0)) + 1 if existing is not None else 1
     tracker.set_tags(run_id, {ATTEMPTS_TAG: attempts})
     if existing is not None:
-        tracker.client.update_run(run_id, status="RUNNING")
+        tracker.set_status(run_id, "RUNNING")
     try:
-        job = trial_job(context, sweep.trial_overrides(sampled))
+        job = base.with_overrides(sweep.trial_overrides(sampled))
         if existing is None:
-            tracker.log_params(run_id, job.spec.flat_params())
+            tracker.log_params(run_id, job.params())
             tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
         # The trial's stderr is no terminal: one progress line per epoch, which Ray echoes to the sweep's driver.
         display = ProgressDisplay(label=f"trial {trial_id} ")
-        with follow_progress(display, Tracker(context.tracking_uri, writer="progress"), run_id) as board:
+        step_tracker = Tracker(where.tracking_uri, journal_root=where.journal_root, writer="progress")
+        with follow_progress(display, step_tracker, run_id) as board:
             trainer = build_trainer(
                 job,
-                context.settings,
                 name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
-                callbacks=[MLflowCallback(context.tracking_uri, run_id), TuneReportCallback()],
+                callbacks=[
+                    MLflowCallback(where.tracking_uri, run_id, where.journal_root),
+                    TuneReportCallback(),
+                ],
                 progress=board,
             )
             result = trainer.fit()
@@ -119,17 +122,8 @@ def find_child(tracker: Tracker, experiment: str, parent_run_id: str, trial_id: 
     """The child run of `trial_id` in the sweep of `parent_run_id`, or None."""
     exp_id = tracker.experiment_id(experiment)
     query = f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{TRIAL_TAG}` = '{trial_id}'"
-    found = tracker.client.search_runs([exp_id], query, max_results=1)
+    found = tracker.search_runs([exp_id], query, max_results=1)
     return found[0] if found else None
-
-
-def trial_job(context: SweepContext, overrides: dict[str, Any]) -> PreparedJob:
-    """The prepared job of one trial: the shared spec with the trial's values; data checks reused."""
-    spec = JobSpec.from_dict(apply_overrides(context.spec, overrides), "sweep trial")
-    if any(key.startswith("data.") for key in overrides):  # other data: check it again
-        return prepare_job(spec, context.settings)
-    model = RetinaNetConfig.from_dict({**spec.model, "num_classes": context.num_classes})
-    return PreparedJob(spec, model, context.data, context.fingerprint, context.class_names)
 
 
 def finish_trial(tracker: Tracker, run_id: str, checkpoint, stopped_early: str | None = None) -> None:

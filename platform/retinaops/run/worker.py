@@ -17,32 +17,28 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from retinanet import RetinaNet, RetinaNetConfig
+from retinanet import RetinaNet
 from retinanet.data import CocoDataset, collate
-from retinanet.data.transforms import same_size_batches
-from retinanet.evaluate import coco_eval, measure_latency, to_coco_results
-from retinaops.cluster.storage import (
-    download_dir,
+from retinanet.evaluate import measure_latency
+from retinaops.job.augment import build_augment
+from retinaops.job.resolved import Job
+from retinaops.job.spec import JobSpec
+from retinaops.run.evaluation import as_served, distributed, evaluate_distributed, pr_curve
+from retinaops.run.progress import ProgressPoster
+from retinaops.run.state import STATE_FILE, restore, save_state, upload_checkpoint
+from retinaops.storage import (
     materialize,
-    publish_checkpoint,
-    quick,
-    verify_checkpoint,
     write_manifest,
 )
-from retinaops.job.augment import build_augment
-from retinaops.job.spec import JobSpec
-from retinaops.run.progress import ProgressPoster
 
 logger = logging.getLogger(__name__)
 
-STATE_FILE = "state.pt"
 MODEL_FILE = "model.pt"
 EVAL_FILE = "eval.json"
 PREDICTIONS_FILE = "predictions.json"
@@ -63,7 +59,7 @@ class NonFiniteGuard:
 
     def skip(self, loss: torch.Tensor, *, epoch: int, step: int) -> bool:
         bad = (~torch.isfinite(loss.detach())).float().reshape(1)  # (1,)
-        if _distributed():
+        if distributed():
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # every rank skips the same steps
         if bad.item() == 0:
             self.in_a_row = 0
@@ -77,10 +73,6 @@ class NonFiniteGuard:
                 f"(train.max_nonfinite_steps={self.max_in_a_row}); lower train.lr, enable train.clip_grad_norm or check the data and model.backbone_weights"
             )
         return True
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _seed_everything(seed: int) -> None:
@@ -126,130 +118,46 @@ def _amp_settings(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | No
     return (torch.bfloat16, False) if amp == "bf16" else (torch.float16, True)
 
 
-def load_datasets(spec: JobSpec, data: dict[str, str], cache_dir: str, endpoint: str | None, rank: int = 0):
-    """Train and val datasets from resolved locations (local, or s3:// copied into cache_dir).
+def load_datasets(job: Job, rank: int = 0):
+    """Train and val datasets of the job's splits (local, or s3:// copied into the data cache).
 
     Only train is augmented; its transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
-    local = {k: str(materialize(v, cache_dir, endpoint)) for k, v in data.items()}
-    d, max_size = spec.data, spec.detector_config().max_size
-    aug = build_augment(d.augment, hflip=d.hflip, max_size=max_size, seed=spec.train.seed, rank=rank)
+    where = job.where
+    local = {
+        k: str(materialize(v, where.data_cache, where.storage_endpoint))
+        for k, v in job.data.locations().items()
+    }
+    d = job.spec.data
+    aug = build_augment(d.augment, hflip=d.hflip, max_size=job.model.max_size, seed=job.train.seed, rank=rank)
     train = CocoDataset(local["train_annotations"], local["train_images"], transform=aug, check_images=False)
     val = CocoDataset(local["val_annotations"], local["val_images"], check_images=False)
     return train, val
 
 
-def evaluate_distributed(
-    model: RetinaNet,
-    dataset: CocoDataset,
-    *,
-    rank: int,
-    world: int,
-    batch_size: int,
-    device: torch.device,
-    max_images: int | None,
-):
-    """Each rank predicts its shard (every world-th image); rank 0 gathers and runs pycocotools."""
-    indices = list(range(len(dataset)))[: max_images or None]
-    batches = same_size_batches(dataset.image_sizes, batch_size, indices[rank::world])
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate)
-    results: list[dict] = []
-    model.eval()
-    with torch.inference_mode():
-        for images, targets in loader:
-            detections = model([img.to(device) for img in images])
-            detections = [{k: v.cpu() for k, v in d.items()} for d in detections]
-            results += to_coco_results(detections, [t["image_id"] for t in targets], dataset.category_ids)
-    gathered: list[list[dict]] = [results]
-    if _distributed():
-        gathered = [None] * world  # type: ignore[list-item]
-        dist.all_gather_object(gathered, results)
-    if rank != 0:
-        return None, None, None
-    all_results = [r for part in gathered for r in part]
-    gt = dataset.coco
-    if max_images:
-        keep = {dataset.image_ids[i] for i in indices}
-        gt = {
-            **gt,
-            "images": [im for im in gt["images"] if im["id"] in keep],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep],
-        }
-    metrics, precision = coco_eval(gt, all_results)
-    return metrics, precision, all_results
-
-
-def pr_curve(precision: np.ndarray | None) -> dict[str, list[float]]:
-    """Precision at 101 recall points, IoU 0.5 and 0.75, averaged over classes (all areas, 100 dets)."""
-    if precision is None or precision.size == 0:
-        return {}
-    out = {"recall": np.linspace(0, 1, 101).tolist()}
-    for name, iou_idx in (("iou50", 0), ("iou75", 5)):
-        p = precision[iou_idx, :, :, 0, -1]  # (101, C)
-        p = np.where(p < 0, np.nan, p)
-        with np.errstate(invalid="ignore"):
-            out[name] = np.nan_to_num(np.nanmean(p, axis=1), nan=0.0).tolist()
-    return out
-
-
-def _save_state(path: Path, model: RetinaNet, optimizer, scheduler, scaler, epoch: int, step: int) -> None:
-    state = {
-        "model": model.state_dict(),
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {},
-        "epoch": epoch,
-        "step": step,
-        "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
-    }
-    torch.save(state, path)
-
-
-def upload_checkpoint(checkpoint: ray.train.Checkpoint, dir_name: str) -> ray.train.Checkpoint:
-    """Ray Train's upload hook: publish into the run's storage with retries, manifest last (see publish_checkpoint)."""
-    storage = ray.train.get_context().get_storage()
-    dest = storage.build_checkpoint_path_from_name(dir_name)
-    publish_checkpoint(checkpoint.path, quick(storage.storage_filesystem), dest)  # our backoff, logged
-    return ray.train.Checkpoint(dest, filesystem=storage.storage_filesystem)
-
-
-def _restore(checkpoint, model, optimizer, scheduler, scaler) -> tuple[int, int]:
-    """Load a reported checkpoint after verifying it; returns (next epoch, global step)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-            directory = Path(checkpoint.path)
-        else:  # retried while the store fails: a restart must not die of a short outage
-            directory = download_dir(checkpoint.filesystem, checkpoint.path, tmp)
-        verify_checkpoint(directory)
-        state = torch.load(Path(directory, STATE_FILE), map_location="cpu", weights_only=True)
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if scaler is not None and state["scaler"]:
-        scaler.load_state_dict(state["scaler"])
-    torch.set_rng_state(state["rng"]["torch"])
-    random.setstate(state["rng"]["python"])
-    return int(state["epoch"]) + 1, int(state["step"])
+def build_model(job: Job, device: torch.device, world: int = 1) -> RetinaNet:
+    """The worker's detector, from the job's RetinaNetConfig as it is: SyncBatchNorm across GPU workers,
+    channels-last weights and activations where train.channels_last asks for them."""
+    model = RetinaNet(job.model)
+    if device.type == "cuda" and world > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm that trains must agree
+    mode = job.train.channels_last
+    if mode == "on" or (mode == "auto" and device.type == "cuda"):
+        model = model.to(memory_format=torch.channels_last)
+        model.backbone.channels_last = True  # the images too, not only the weights
+    return model
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    """The function every Ray Train worker runs. config: spec, model (resolved), data, cache_dir, s3_endpoint."""
-    spec = JobSpec.from_dict(config["spec"])
-    t = spec.train
+    """The function every Ray Train worker runs. config: {"job": Job.to_dict(), "progress": a ProgressBoard or None}."""
+    job = Job.from_dict(config["job"])
+    spec, t = job.spec, job.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     _seed_everything(t.seed * 1000 + rank)
 
-    train_ds, val_ds = load_datasets(
-        spec, config["data"], config["cache_dir"], config.get("s3_endpoint"), rank
-    )
-    model = RetinaNet(RetinaNetConfig.from_dict(config["model"]))
-    if device.type == "cuda" and world > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm that trains must agree
-    channels_last = t.channels_last == "on" or (t.channels_last == "auto" and device.type == "cuda")
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    ddp_model = ray.train.torch.prepare_model(model)
+    train_ds, val_ds = load_datasets(job, rank)
+    ddp_model = ray.train.torch.prepare_model(build_model(job, device, world))
     net: RetinaNet = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     net.resize_in_training = spec.data.augment.resize is None  # multi-scale images come resized
 
@@ -278,7 +186,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     resumed_from = -1  # the epoch training (re)started at after a restore; -1: a fresh start
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
-        start_epoch, step = _restore(checkpoint, net, optimizer, scheduler, scaler)
+        start_epoch, step = restore(checkpoint, net, optimizer, scheduler, scaler)
         resumed_from = start_epoch
         if rank == 0:
             logger.info("resumed from %s at epoch %d (step %d)", checkpoint.path, start_epoch, step)
@@ -326,7 +234,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 ]
             )
         steps_done = torch.tensor([float(good_steps)], device=device)
-        if _distributed():
+        if distributed():
             dist.all_reduce(sums)
             dist.all_reduce(steps_done)
         elapsed = time.perf_counter() - started
@@ -358,7 +266,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if rank == 0:
                 metrics.update(coco)
             if rank == 0 and t.latency_iters > 0:  # 0 skips the measurement
-                latency = measure_latency(net, batch_size=1, iters=t.latency_iters, device=device)
+                latency = measure_latency(as_served(net), batch_size=1, iters=t.latency_iters, device=device)
                 metrics.update(
                     {
                         "latency_ms": latency.p50_ms,
@@ -367,7 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "latency_threads": latency.threads,
                     }
                 )
-        if _distributed():
+        if distributed():
             shared = [metrics]
             dist.broadcast_object_list(shared, src=0)
             metrics = shared[0]
@@ -375,7 +283,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
         if rank == 0 and save_now:
             with tempfile.TemporaryDirectory() as tmp:
-                _save_state(Path(tmp, STATE_FILE), net, optimizer, scheduler, scaler, epoch, step)
+                save_state(Path(tmp, STATE_FILE), net, optimizer, scheduler, scaler, epoch, step)
                 net.save(
                     Path(tmp, MODEL_FILE),
                     class_names=list(train_ds.class_names),

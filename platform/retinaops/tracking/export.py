@@ -152,18 +152,11 @@ def onnx_detections(ort_session, model: RetinaNet, images: list[Tensor]) -> list
 
 def log_export(tracker: Tracker, version, path: Path, tags: dict[str, Any]) -> str:
     """Log an exported file on the model version's run (under export/) and point version tags at it."""
-    from retinaops.tracking.tracker import with_retries
-
     run_id = version.run_id or version.tags.get("trial_run_id")
     if not run_id:
         raise ValueError(f"{version.name} version {version.version} has no run to log {path.name} on")
     tracker.log_artifact(run_id, path, "export")
     uri = f"runs:/{run_id}/export/{path.name}"
     for key, value in {"export": uri, **tags}.items():
-        with_retries(
-            lambda k=key, v=value: tracker.client.set_model_version_tag(
-                version.name, version.version, k, str(v)
-            ),
-            "set model version tag",
-        )
+        tracker.set_model_version_tag(version.name, version.version, key, value)
     return uri

@@ -1,6 +1,6 @@
 """A durable local journal of MLflow writes that could not be delivered yet.
 
-While the tracking server is unreachable, `tracking.Tracker` appends each write (params, metrics
+While the tracking server is unreachable, `tracker.Tracker` appends each write (params, metrics
 with their original timestamp and step, tags, artifacts, the model, the end of the run) here and
 replays them in order once the server answers. Each entry is one JSON line, fsync'ed before the
 write returns, so nothing is lost if the process dies; files an entry refers to are copied into
@@ -23,6 +23,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from retinaops.retry import retry
 
 logger = logging.getLogger(__name__)
 
@@ -179,7 +181,7 @@ def default_journal_root() -> Path:
     """{RETINAOPS_HOME}/mlflow-journal: where runs keep the MLflow writes the server could not take."""
     from retinaops.job.settings import Settings
 
-    return Settings.from_env().home / "mlflow-journal"
+    return Settings.from_env().journal_root
 
 
 class Backoff:
@@ -199,6 +201,102 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.next_at, self.delay_s = 0.0, self.first_s
+
+
+# A journaled write makes a few quick attempts before it is kept for later.
+DIRECT_ATTEMPTS = 3
+
+
+class JournaledWrites:
+    """The write path of `tracker.Tracker`: a write is sent now (a few quick attempts) or, while the server
+    is unreachable, kept in the run's journal and sent later, in order and with backoff, by the next
+    writes or by `flush`. Subclasses send one write (`_apply`), tell an error worth retrying later
+    (`_retry_later`) and name the server (`_uri`); they set journal_root, writer and _backoff."""
+
+    journal_root: Path | None
+    writer: str
+    _backoff: Backoff
+
+    def _apply(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None = None) -> Any:
+        raise NotImplementedError
+
+    @staticmethod
+    def _retry_later(exc: BaseException) -> bool:
+        raise NotImplementedError
+
+    def _uri(self) -> str:
+        raise NotImplementedError
+
+    def journal(self, run_id: str) -> Journal | None:
+        """The journal of run_id's writes; None without a journal root."""
+        if self.journal_root is None:
+            return None
+        return Journal(self.journal_root / run_id, self.writer, run_id)
+
+    def pending(self, run_id: str) -> int:
+        """How many writes of run_id wait in its journal."""
+        journal = self.journal(run_id)
+        return journal.pending() if journal is not None else 0
+
+    def flush(self, run_id: str, wait_s: float = 0.0) -> int:
+        """Replay run_id's journal (every writer's entries, oldest first) when the backoff allows;
+        keep trying, backing off, for up to wait_s. Returns how many writes are still kept."""
+        journal = self.journal(run_id)
+        if journal is None:
+            return 0
+        deadline = time.monotonic() + wait_s
+        while True:
+            left = journal.pending()
+            if left and self._backoff.ready():
+                delivered, left = journal.deliver(
+                    lambda e: self._apply(e.run_id, e.op, e.args, journal), self._retry_later
+                )
+                if delivered:
+                    logger.info(
+                        "sent %d kept MLflow writes of run %s to %s; %d left",
+                        delivered,
+                        run_id,
+                        self._uri(),
+                        left,
+                    )
+                if left:
+                    self._backoff.failed()
+                else:
+                    self._backoff.succeeded()
+            if not left or time.monotonic() >= deadline:
+                return left
+            time.sleep(max(0.0, min(self._backoff.next_at, deadline) - time.monotonic()))
+
+    def _send_or_keep(self, run_id: str, op: str, args: dict[str, Any], files: tuple[str, ...] = ()) -> Any:
+        """Send one write of a run with a journal, or keep it there; returns what the write returned
+        (None: kept)."""
+        journal = self.journal(run_id)
+        assert journal is not None
+        if journal.pending():  # behind the writes already waiting, to keep their order
+            journal.append(op, args, tracking_uri=self._uri(), files=files)
+            self.flush(run_id)
+            return None
+        try:
+            return retry(
+                lambda: self._apply(run_id, op, args),
+                f"MLflow {op} of run {run_id}",
+                attempts=DIRECT_ATTEMPTS,
+                first_delay=0.5,
+                retryable=self._retry_later,
+            )
+        except Exception as exc:
+            if not self._retry_later(exc):
+                raise
+            journal.append(op, args, tracking_uri=self._uri(), files=files)
+            logger.warning(
+                "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
+                self._uri(),
+                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
+                run_id,
+                journal.directory,
+            )
+            self._backoff.failed()
+        return None
 
 
 def _entry_id(line: str) -> str | None:

@@ -3,7 +3,7 @@
 A rule reads `max AP where latency_ms <= 40 and AP50 > 0.5`. Promoting registers the chosen trial's
 logged model as a new version of a registered model, moves the `champion` alias to it and keeps the
 lineage (sweep, trial, spec hash, data fingerprint, commit, metrics) and the previous champion as version
-tags, so that `rollback` can move the alias back. Everything MLflow goes through `tracking.Tracker`.
+tags, so that `rollback` can move the alias back. Everything MLflow goes through `tracker.Tracker`.
 A rule ranking by AP does not replace a champion whose AP interval overlaps the candidate's: the data
 cannot tell them apart. The trials' table and the Pareto front are in `retinaops.tracking.leaderboard`.
 """
@@ -20,7 +20,7 @@ from typing import Any
 
 from retinanet.ap_interval import interval_text, overlaps
 from retinaops.tracking.leaderboard import Trial, finite, interval_of
-from retinaops.tracking.tracker import PARENT_TAG, Tracker, with_retries
+from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +135,16 @@ def best_seen(rule: Rule, trials: Sequence[Trial]) -> str:
 
 def find_sweep(tracker: Tracker, experiment: str, sweep: str | None = None):
     """The parent run of a sweep: by run id or run name, else the latest sweep of the experiment."""
-    exp = with_retries(lambda: tracker.client.get_experiment_by_name(experiment), "get experiment")
+    exp = tracker.get_experiment_by_name(experiment)
     if exp is None:
         raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment at {tracker.tracking_uri}")
     query = f"tags.`{SWEEP_KIND_TAG}` = 'sweep'"
     if sweep is not None and re.fullmatch(r"[0-9a-f]{32}", sweep):
-        return with_retries(lambda: tracker.client.get_run(sweep), "get run")
+        return tracker.get_run(sweep)
     if sweep is not None:
         query += f" and attributes.run_name = '{sweep}'"
-    found = with_retries(
-        lambda: tracker.client.search_runs(
-            [exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
-        ),
-        "search runs",
+    found = tracker.search_runs(
+        [exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
     )
     if not found:
         what = f"no sweep named {sweep!r}" if sweep else "no sweep"
@@ -157,14 +154,10 @@ def find_sweep(tracker: Tracker, experiment: str, sweep: str | None = None):
 
 def sweep_trials(tracker: Tracker, parent) -> list[Trial]:
     """The trials (child runs) of a sweep's parent run, oldest first."""
-    runs = with_retries(
-        lambda: tracker.client.search_runs(
-            [parent.info.experiment_id],
-            f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
-            order_by=["attributes.start_time ASC"],
-            max_results=10000,
-        ),
-        "search runs",
+    runs = tracker.search_runs(
+        [parent.info.experiment_id],
+        f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
+        order_by=["attributes.start_time ASC"],
     )
     return [
         Trial(
@@ -304,6 +297,4 @@ def model_version_of(tracker: Tracker, uri: str):
                 f"--model {uri}: no version of {found['name']!r} holds the alias {found['alias']!r}"
             )
         return version
-    return with_retries(
-        lambda: tracker.client.get_model_version(found["name"], found["version"]), "get model version"
-    )
+    return tracker.get_model_version(found["name"], found["version"])

@@ -41,13 +41,14 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
     from retinanet import RetinaNet
     from retinanet.data import CocoDataset
     from retinanet.draw import draw_detections
-    from retinaops.cluster.storage import materialize
+    from retinaops.storage import materialize
 
-    data = job.data
+    data = job.data  # a retinaops.job.resolved.Job
     cache = Path(model_file).parent
+    endpoint = job.where.storage_endpoint
     dataset = CocoDataset(
-        materialize(data["val_annotations"], cache),
-        materialize(data["val_images"], cache),
+        materialize(data.val_annotations, cache, endpoint),
+        materialize(data.val_images, cache, endpoint),
         check_images=False,
     )
     model = RetinaNet.load(model_file).eval()
@@ -58,6 +59,6 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
             image, target = dataset[i]
             detections = model([image])[0]
             path = out_dir / f"val_{target['image_id']}.png"
-            draw_detections(image, detections, job.class_names).save(path)
+            draw_detections(image, detections, job.data.class_names).save(path)
             written.append(path)
     return written

@@ -1,8 +1,10 @@
 """MLflow: runs, params, per-epoch metrics, artifacts and the logged model. The only module that imports mlflow.
 
 One process writes each run: the driver creates it and logs params, artifacts and the model; a
-Ray Train callback on the Train controller (`traincallback.py`) logs every epoch's metrics. Workers never
+Ray Train callback on the Train controller (`run/callback.py`) logs every epoch's metrics. Workers never
 talk to MLflow.
+
+Every MLflow call of the platform is a Tracker method or a function here: no other module calls it.
 
 A Tracker with a journal root never lets an unreachable server stop training: a write that fails
 goes to the run's journal (`journal.py`, a local file) and is replayed, in order and with backoff,
@@ -11,11 +13,11 @@ by the next writes, by `Tracker.flush`, or later by `replay` (`retinaops replay`
 
 from __future__ import annotations
 
-import logging
 import math
-import os
+import re
+import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -24,11 +26,11 @@ import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
 
+from retinaops.environ import ScopedEnviron, environ_kept
 from retinaops.retry import retry
-from retinaops.tracking.journal import Backoff, Journal
+from retinaops.tracking.journal import Backoff, Journal, JournaledWrites
 from retinaops.tracking.serving import RetinaNetPredict, pip_requirements
 
-logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 PARENT_TAG = "mlflow.parentRunId"
@@ -37,7 +39,6 @@ NON_METRICS = {"epoch", "step", "rank"}
 # A journaled write makes a few quick attempts: MLflow's own HTTP retries (7, backing off for
 # minutes) would stall training while the server is down; the journal retries instead.
 _FAIL_FAST = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
-DIRECT_ATTEMPTS = 3
 
 
 def with_retries(action: Callable[[], T], what: str, attempts: int = 5, first_delay: float = 0.5) -> T:
@@ -58,37 +59,25 @@ def unreachable(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, requests.RequestException))
 
 
-@contextmanager
-def _environ_restored(*keys: str) -> Iterator[None]:
-    """Whatever the block does to these environment variables is undone when it ends."""
-    saved = {k: os.environ.get(k) for k in keys}
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+# MLflow 3.17.2 takes two settings only from the process, so these are set for the length of a call
+# and put back (retinaops/environ.py): its HTTP retries and timeout (utils/rest_utils.py http_request
+# reads MLFLOW_HTTP_REQUEST_MAX_RETRIES/_TIMEOUT from os.environ when not passed, and RestStore's
+# call_endpoint never passes them), and log_model's tracking URI (models/model.py Model.log calls
+# _resolve_tracking_uri(); set_tracking_uri writes MLFLOW_TRACKING_URI). Everything else: self._client.
+_fail_fast = ScopedEnviron(_FAIL_FAST)
+_PROCESS_URI = threading.Lock()
 
 
 @contextmanager
-def _fail_fast() -> Iterator[None]:
-    with _environ_restored(*_FAIL_FAST):
-        os.environ.update(_FAIL_FAST)
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI at uri, one caller at a time, then as it was."""
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # puts MLflow's global back
+
+    with _PROCESS_URI, environ_kept("MLFLOW_TRACKING_URI"), _use_tracking_uri(uri):
         yield
 
 
-@contextmanager
-def _global_uri(uri: str) -> Iterator[None]:
-    """mlflow's module-level calls (log_model, register_model, download) at `uri`; MLflow's
-    set_tracking_uri also writes MLFLOW_TRACKING_URI into os.environ, which is put back afterwards."""
-    with _environ_restored("MLFLOW_TRACKING_URI"):
-        mlflow.set_tracking_uri(uri)
-        yield
-
-
-class Tracker:
+class Tracker(JournaledWrites):
     """A thin, retrying MLflow client bound to one tracking URI.
 
     With journal_root, writes (params, metrics, tags, artifacts, the model, end of run) never fail
@@ -106,13 +95,15 @@ class Tracker:
     ) -> None:
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
-        self.client = MlflowClient(tracking_uri=tracking_uri)
+        self._client = MlflowClient(tracking_uri=tracking_uri)
         self.journal_root = Path(journal_root) if journal_root is not None else None
         self.writer = writer
         self._backoff = Backoff()
 
+    _retry_later = staticmethod(unreachable)  # what the journal keeps for later
+
     def experiment_id(self, name: str) -> str:
-        found = with_retries(lambda: self.client.get_experiment_by_name(name), "get experiment")
+        found = self.get_experiment_by_name(name)
         if found is not None:
             return found.experiment_id
         # On a SQLite store without a server the default artifact root is ./mlruns of whoever
@@ -121,7 +112,7 @@ class Tracker:
         if self.artifact_root and not self.tracking_uri.startswith(("http://", "https://")):
             location = Path(self.artifact_root, name).resolve().as_uri()
         return with_retries(
-            lambda: self.client.create_experiment(name, artifact_location=location), "create experiment"
+            lambda: self._client.create_experiment(name, artifact_location=location), "create experiment"
         )
 
     def start_run(
@@ -138,10 +129,54 @@ class Tracker:
             all_tags[PARENT_TAG] = parent_run_id
         exp_id = self.experiment_id(experiment)
         run = with_retries(
-            lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run"
+            lambda: self._client.create_run(exp_id, run_name=run_name, tags=all_tags), "create run"
         )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    # -- reads, and the run's status on resume --
+
+    def get_experiment_by_name(self, name: str):
+        """The Experiment called name, or None."""
+        return with_retries(lambda: self._client.get_experiment_by_name(name), "get experiment")
+
+    def get_run(self, run_id: str):
+        return with_retries(lambda: self._client.get_run(run_id), "get run")
+
+    def search_runs(
+        self,
+        experiment_ids: Sequence[str],
+        filter_string: str = "",
+        *,
+        order_by: Sequence[str] = (),
+        max_results: int | None = None,
+    ) -> list:
+        """The runs of the experiments that match filter_string, in order_by order: the first max_results,
+        or all of them (page by page) when None."""
+
+        def search() -> list:
+            runs, token = [], None
+            while True:
+                page = self._client.search_runs(
+                    list(experiment_ids),
+                    filter_string,
+                    max_results=max_results or 1000,
+                    order_by=list(order_by) or None,
+                    page_token=token,
+                )
+                runs, token = runs + list(page), page.token
+                if max_results is not None or not token:
+                    return runs
+
+        return with_retries(search, "search runs")
+
+    def metric_history(self, run_id: str, key: str) -> list:
+        """Every logged value of metric `key` of the run (Metric: step, value, timestamp)."""
+        return with_retries(lambda: self._client.get_metric_history(run_id, key), "get metric history")
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """Set the run's status (e.g. RUNNING again, on resume) without ending it."""
+        with_retries(lambda: self._client.update_run(run_id, status=status), "update run")
 
     # -- writes: delivered now, or kept in the run's journal --
 
@@ -170,75 +205,10 @@ class Tracker:
         """Log a retinanet model file as an MLflow pyfunc model; returns its models:/ URI (None: kept for later)."""
         return self._write(run_id, "model", {"path": str(model_file), "name": name}, files=("path",))
 
-    def journal(self, run_id: str) -> Journal | None:
-        """The journal of run_id's writes; None without a journal root."""
-        if self.journal_root is None:
-            return None
-        return Journal(self.journal_root / run_id, self.writer, run_id)
-
-    def pending(self, run_id: str) -> int:
-        """How many writes of run_id wait in its journal."""
-        journal = self.journal(run_id)
-        return journal.pending() if journal is not None else 0
-
-    def flush(self, run_id: str, wait_s: float = 0.0) -> int:
-        """Replay run_id's journal (every writer's entries, oldest first) when the backoff allows;
-        keep trying, backing off, for up to wait_s. Returns how many writes are still kept."""
-        journal = self.journal(run_id)
-        if journal is None:
-            return 0
-        deadline = time.monotonic() + wait_s
-        while True:
-            left = journal.pending()
-            if left and self._backoff.ready():
-                delivered, left = journal.deliver(
-                    lambda e: self._apply(e.run_id, e.op, e.args, journal), unreachable
-                )
-                if delivered:
-                    logger.info(
-                        "sent %d kept MLflow writes of run %s to %s; %d left",
-                        delivered,
-                        run_id,
-                        self._uri(),
-                        left,
-                    )
-                if left:
-                    self._backoff.failed()
-                else:
-                    self._backoff.succeeded()
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(max(0.0, min(self._backoff.next_at, deadline) - time.monotonic()))
-
     def _write(self, run_id: str, op: str, args: dict[str, Any], files: tuple[str, ...] = ()) -> Any:
-        journal = self.journal(run_id)
-        if journal is None:
+        if self.journal_root is None:
             return with_retries(lambda: self._apply(run_id, op, args), f"{op} of run {run_id}")
-        if journal.pending():  # behind the writes already waiting, to keep their order
-            journal.append(op, args, tracking_uri=self._uri(), files=files)
-            self.flush(run_id)
-            return None
-        try:
-            return retry(
-                lambda: self._apply(run_id, op, args),
-                f"MLflow {op} of run {run_id}",
-                attempts=DIRECT_ATTEMPTS,
-                first_delay=0.5,
-                retryable=unreachable,
-            )
-        except Exception as exc:
-            if not unreachable(exc):
-                raise
-            journal.append(op, args, tracking_uri=self._uri(), files=files)
-            logger.warning(
-                "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
-                self._uri(),
-                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                run_id,
-                journal.directory,
-            )
-            self._backoff.failed()
-        return None
+        return self._send_or_keep(run_id, op, args, files)
 
     def _apply(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None = None) -> Any:
         """Perform one write; paths of a journaled write are inside the journal."""
@@ -254,26 +224,26 @@ class Tracker:
         if op == "params":
             items = [Param(k, v) for k, v in args["params"].items()]
             for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-                self.client.log_batch(run_id, params=items[i : i + 100])
+                self._client.log_batch(run_id, params=items[i : i + 100])
         elif op == "metrics":
             items = [Metric(k, v, args["timestamp"], args["step"]) for k, v in args["metrics"].items()]
-            self.client.log_batch(run_id, metrics=items)
+            self._client.log_batch(run_id, metrics=items)
         elif op == "tags":
-            self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in args["tags"].items()])
+            self._client.log_batch(run_id, tags=[RunTag(k, v) for k, v in args["tags"].items()])
         elif op == "artifact" and Path(path).is_dir():
-            self.client.log_artifacts(run_id, path, args["artifact_path"])
+            self._client.log_artifacts(run_id, path, args["artifact_path"])
         elif op == "artifact":
-            self.client.log_artifact(run_id, path, args["artifact_path"])
+            self._client.log_artifact(run_id, path, args["artifact_path"])
         elif op == "model":
             return self._log_model(run_id, path, args["name"])
         elif op == "end":
-            self.client.set_terminated(run_id, args["status"], args["end_time"])
+            self._client.set_terminated(run_id, args["status"], args["end_time"])
         else:
             raise ValueError(f"unknown MLflow write {op!r}: expected params|metrics|tags|artifact|model|end")
         return None
 
     def _log_model(self, run_id: str, model_file: str, name: str) -> str:
-        with _global_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
+        with _process_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name=name,
                 python_model=RetinaNetPyfunc(),
@@ -291,41 +261,80 @@ class Tracker:
 
     def register_model(self, model_uri: str, name: str, tags: Mapping[str, str]) -> str:
         """A new version of registered model `name` (created if missing) from model_uri; returns the version."""
-        with _global_uri(self.tracking_uri):
-            version = with_retries(
-                lambda: mlflow.register_model(model_uri, name, tags=dict(tags)), "register model"
-            )
-        return str(version.version)
+        from mlflow.exceptions import MlflowException
+
+        def register():
+            try:
+                self._client.create_registered_model(name)
+            except MlflowException as exc:
+                if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+                    raise
+            source, run_id, model_id = model_uri, None, None
+            if logged := re.fullmatch(r"models:/([^/@]+)", model_uri):
+                # MLflow's SQL registry looks a models:/<id> source up at the process's tracking URI
+                # (store/model_registry/sqlalchemy_store.py, create_model_version): resolved here instead.
+                model = self._client.get_logged_model(logged[1])
+                source, run_id, model_id = model.artifact_location, model.source_run_id, model.model_id
+            return self._client.create_model_version(name, source, run_id, tags=dict(tags), model_id=model_id)
+
+        return str(with_retries(register, "register model").version)
 
     def set_alias(self, name: str, alias: str, version: str) -> None:
-        with_retries(lambda: self.client.set_registered_model_alias(name, alias, version), "set alias")
+        with_retries(lambda: self._client.set_registered_model_alias(name, alias, version), "set alias")
 
     def model_version_by_alias(self, name: str, alias: str):
         """The ModelVersion holding `alias`, or None when the model or the alias does not exist."""
         from mlflow.exceptions import MlflowException
 
         try:
-            return self.client.get_model_version_by_alias(name, alias)
+            return self._client.get_model_version_by_alias(name, alias)
         except MlflowException as exc:
             if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
                 return None
             raise
 
+    def get_model_version(self, name: str, version: str | int):
+        return with_retries(lambda: self._client.get_model_version(name, str(version)), "get model version")
+
+    def set_model_version_tag(self, name: str, version: str | int, key: str, value: Any) -> None:
+        with_retries(
+            lambda: self._client.set_model_version_tag(name, str(version), key, str(value)),
+            "set model version tag",
+        )
+
     def model_versions(self, name: str) -> list:
-        return with_retries(lambda: self.client.search_model_versions(f"name = '{name}'"), "search versions")
+        return with_retries(lambda: self._client.search_model_versions(f"name = '{name}'"), "search versions")
 
     def model_aliases(self, name: str) -> dict[str, str]:
         """alias -> version of a registered model."""
-        model = with_retries(lambda: self.client.get_registered_model(name), "get registered model")
+        model = with_retries(lambda: self._client.get_registered_model(name), "get registered model")
         return {k: str(v) for k, v in (model.aliases or {}).items()}
 
     def download_model(self, model_uri: str, dst: str | Path) -> str:
         """The files of a logged or registered model (runs:/, models:/) in dst; returns the local folder."""
-        with _global_uri(self.tracking_uri):
-            return with_retries(
-                lambda: mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=str(dst)),
-                "download model",
+        return with_retries(
+            lambda: mlflow.artifacts.download_artifacts(
+                artifact_uri=self._files_of(model_uri), dst_path=str(dst), tracking_uri=self.tracking_uri
+            ),
+            "download model",
+        )
+
+    def _files_of(self, model_uri: str) -> str:
+        """Where a models:/ URI's files are, asked of this tracker's registry: MLflow's own resolution
+        asks the process's registry URI (store/artifact/models_artifact_repo.py, _get_model_uri_infos)."""
+        if not model_uri.startswith("models:/"):
+            return model_uri  # runs:/ and plain URIs: download_artifacts resolves them at tracking_uri
+        found = re.fullmatch(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))?", model_uri)
+        if found is None:
+            raise ValueError(
+                f"{model_uri}: expected models:/NAME@ALIAS, models:/NAME/VERSION or models:/MODEL_ID"
             )
+        name, version = found["name"], found["version"]
+        if found["alias"]:
+            version = self._client.get_model_version_by_alias(name, found["alias"]).version
+        elif version is None:
+            return self._client.get_logged_model(name).artifact_location
+        return self._client.get_model_version_download_uri(name, version)
 
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:

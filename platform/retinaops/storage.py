@@ -157,22 +157,6 @@ def _fetch(fs: pafs.FileSystem, item: pafs.FileInfo, dest: Path) -> Path:
     return dest
 
 
-def upload_dir(local_dir: str | Path, uri: str, endpoint: str | None = None) -> None:
-    """Copy a local folder to a local or s3:// destination (used by tests and data staging)."""
-    local_dir = Path(local_dir)
-    if is_s3(uri):
-        bucket, key = split_s3(uri)
-        dest_fs, dest = s3_filesystem(endpoint), f"{bucket}/{key}".rstrip("/")
-    else:
-        dest_fs, dest = pafs.LocalFileSystem(), str(Path(uri).resolve())
-    pafs.copy_files(
-        str(local_dir.resolve()),
-        dest,
-        source_filesystem=pafs.LocalFileSystem(),
-        destination_filesystem=dest_fs,
-    )
-
-
 def with_storage_retries(
     action: Callable[[], T],
     what: str,
