@@ -145,8 +145,8 @@ def test_promote_then_serve_from_a_process_configured_only_by_the_env_file(stack
     promoted = json.loads(done.stdout)
     assert promoted["model_uri"] == f"models:/{MODEL}@champion"
     code = (
-        "import mlflow, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
-        "t = m.predict([sys.argv[2]]); print(list(t.columns))"
+        "import mlflow, pandas, sys; m = mlflow.pyfunc.load_model(sys.argv[1]); "
+        "t = m.predict(pandas.DataFrame({'image': [open(sys.argv[2], 'rb').read()]})); print(list(t.columns))"
     )
     image = str(shapes / "images" / "val_000001.png")
     served = in_shell(stack, ["python", "-c", code, promoted["model_uri"], image], home=home)

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import yaml
 
@@ -171,7 +172,8 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
 
     mlflow.set_tracking_uri(mlflow_server.url)
     served = mlflow.pyfunc.load_model(outcome["model_uri"])
-    table = served.predict([str(shapes / "images" / "val_000001.png")])
+    image = (shapes / "images" / "val_000001.png").read_bytes()
+    table = served.predict(pd.DataFrame({"image": [image]}))  # encoded bytes, as its signature says
     assert list(table.columns)[:6] == ["image", "x1", "y1", "x2", "y2", "score"]
     local = Path(client.download_artifacts(run.info.run_id, "checkpoint/predictions.json", str(tmp_path)))
     gt = COCO(str(shapes / "val.json"))
@@ -180,6 +182,61 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
     evaluator.evaluate()
     evaluator.accumulate()
     evaluator.summarize()
-    assert run.data.metrics["AP"] == pytest.approx(max(0.0, evaluator.stats[0]), abs=1e-6)
+    # The logged model and its predictions are the best checkpoint's: the epoch of the highest AP
+    # (ties: the later one), whose metrics the run holds as model_*.
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "AP")}
+    best_epoch = max(history, key=lambda epoch: (history[epoch], epoch))
+    assert run.data.tags["model_epoch"] == str(best_epoch)
+    assert run.data.metrics["model_AP"] == pytest.approx(history[best_epoch], abs=1e-9)
+    assert run.data.metrics["model_AP"] == pytest.approx(max(0.0, evaluator.stats[0]), abs=1e-6)
+
+    # One training run is promoted as it is.
+    promoted = retinaops(["promote", "--run", run.info.run_id, "--name", "it-single", "--json"], platform_env)
+    out, err = promoted.communicate(timeout=120)
+    assert promoted.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["epoch"] == str(best_epoch)
+    version = client.get_model_version_by_alias("it-single", "champion")
+    assert version.tags["trial_run_id"] == run.info.run_id and version.tags["epoch"] == str(best_epoch)
     assert run.data.params["scaling.num_workers"] == "2"
     assert run.data.tags["data_fingerprint"]
+
+
+def test_a_killed_driver_is_resumed_in_the_same_run_from_its_checkpoint(
+    tmp_path, platform_env, shapes, mlflow_server
+):
+    """The driver of `retinaops train` SIGKILLed (injected for real) after its first checkpoint;
+    `retinaops train SPEC --resume NAME` finishes the same MLflow run from that checkpoint."""
+    from mlflow import MlflowClient
+
+    spec = small_spec(
+        shapes,
+        tracking={"run_name": "killed-driver"},
+        scaling={"num_workers": 1, "max_failures": 0},
+        storage={"path": "s3://checkpoints/it-resume"},
+    )
+    path = write_spec(tmp_path, spec)
+    proc = retinaops(["train", str(path), "--json"], platform_env)
+    client = MlflowClient(mlflow_server.url)
+    run_id = wait_for_run(client, "it-train", "killed-driver", proc).info.run_id
+    wait_for_metric_step(client, run_id, "loss", 0, proc)  # epoch 0 reported with its checkpoint
+    time.sleep(2.0)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert client.get_run(run_id).info.status == "RUNNING"  # nobody could end it
+
+    again = retinaops(["train", str(path), "--resume", "killed-driver", "--json"], platform_env)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, err[-4000:]
+    assert json.loads(out.strip().splitlines()[-1])["run_id"] == run_id  # the same run, not a new one
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["resumed"] == "true"
+    assert sorted({m.step for m in client.get_metric_history(run_id, "loss")}) == [0, 1, 2]
+    resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
+    assert max(resumed) >= 1  # from a checkpoint, not from scratch
+    steps = [m.step for m in client.get_metric_history(run_id, "loss_step")]
+    assert max(steps) == 36  # the global step axis continues: 24 images / batch 2 x 3 epochs
+
+    # A finished run is not resumed again.
+    done = retinaops(["train", str(path), "--resume", run_id], platform_env)
+    _, err = done.communicate(timeout=120)
+    assert done.returncode == 2 and f"run {run_id} finished; nothing to resume" in err

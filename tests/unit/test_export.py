@@ -1,17 +1,29 @@
 """ONNX export: the graph computes what the PyTorch network computes, at any batch and size, and our decode
-of its outputs gives the model's own detections."""
+of its outputs gives the model's own detections; with the post-processing inside, the graph gives them
+itself; exported from a registry version, it is logged beside the pyfunc model as an mlflow.onnx model."""
 
+import dataclasses
 import json
 
+import numpy as np
 import onnx
 import pytest
 import torch
 
 from retinanet import RetinaNet, RetinaNetConfig
 from retinaops.cli import main
-from retinaops.tracking.export import RTOL, check_onnx, export_onnx, onnx_detections, sample_images, session
+from retinaops.tracking.export import (
+    RTOL,
+    check_detections,
+    check_onnx,
+    export_onnx,
+    onnx_detections,
+    sample_images,
+    session,
+)
+from retinaops.tracking.tracker import Tracker
 
-pytestmark = pytest.mark.slow  # an export and an onnxruntime session: a second or two each
+pytestmark = pytest.mark.slow  # an export takes 10-40 s (torch.export, then onnxscript)
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +45,21 @@ def model():
 @pytest.fixture(scope="module")
 def exported(model, tmp_path_factory):
     return export_onnx(model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+@pytest.fixture(scope="module")
+def few_objects(model):
+    """The model scoring a few anchors per image over a 0.5 threshold, by clear gaps: detections to compare."""
+    few = RetinaNet(dataclasses.replace(model.config, score_thresh=0.5)).eval()
+    few.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        few.head.cls_logits.weight.mul_(0.3)
+    return few
+
+
+@pytest.fixture(scope="module")
+def exported_with_postprocess(few_objects, tmp_path_factory):
+    return export_onnx(few_objects, tmp_path_factory.mktemp("onnx") / "detections.onnx", postprocess=True)
 
 
 def test_graph_outputs_match_pytorch_for_single_images_and_a_padded_batch(model, exported):
@@ -81,6 +108,7 @@ def test_export_command_writes_the_graph_and_reports_the_difference(model, tmp_p
     assert main(["export", "--model", str(tmp_path / "model.pt"), "--out", str(out), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert out.is_file() and summary["onnx"] == str(out) and summary["logged"] is None
+    assert summary["postprocess"] is False and summary["onnx_model"] is None and summary["export_s"] > 0
     assert summary["rel_diff"] <= summary["tolerance"] == RTOL
 
 
@@ -93,3 +121,93 @@ def test_export_command_names_a_missing_model_file(tmp_path, capsys):
 def test_export_command_refuses_an_unknown_format(tmp_path, capsys):
     assert main(["export", "--model", str(tmp_path / "m.pt"), "--format", "tflite"]) == 2
     assert "invalid choice: 'tflite'" in capsys.readouterr().err
+
+
+def test_the_postprocessing_graph_gives_the_models_detections_in_original_pixels(
+    few_objects, exported_with_postprocess
+):
+    # A third image of another size: each pixel of the second doubled, (3, 256, 384), which the model's
+    # resize takes back to the second exactly; its boxes are scaled back by 2.
+    first, second = sample_images(few_objects)
+    bigger = second.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2)
+    images = [first, second, bigger]
+    with torch.no_grad():
+        alone = [len(few_objects([image])[0]["scores"]) for image in images]
+        together = sum(len(d["scores"]) for d in few_objects(images))  # padding scores too
+    assert 0 < min(alone) and max(alone) < few_objects.config.detections_per_img  # a few, not a full list
+    check = check_detections(few_objects, exported_with_postprocess, images)
+    assert check.mismatch is None and check.ok
+    assert check.shapes == [[1, 3, 128, 128], [1, 3, 128, 256], [1, 3, 128, 256], [3, 3, 128, 256]]
+    assert check.detections == [*alone, together]
+    assert check.max_abs_diff < 1e-4  # boxes (pixels) and scores, sorted by label and score
+
+
+def test_the_postprocessing_graph_takes_sizes_and_gives_detections_of_any_count(exported_with_postprocess):
+    graph = onnx.load(str(exported_with_postprocess)).graph
+
+    def dims(value):
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    assert {i.name: dims(i) for i in graph.input} == {
+        "images": ["N", 3, "H", "W"],
+        "image_sizes": ["N", 2],
+        "original_sizes": ["N", 2],
+    }
+    assert {o.name: dims(o) for o in graph.output} == {
+        "boxes": ["K", 4],
+        "scores": ["K"],
+        "labels": ["K"],
+        "batch_index": ["K"],
+    }
+    assert "NonMaxSuppression" in {node.op_type for node in graph.node}
+
+
+def test_export_of_a_registry_version_logs_an_onnx_model_that_mlflow_onnx_loads(
+    few_objects, tmp_path, monkeypatch, capsys
+):
+    import mlflow
+    import onnxruntime
+
+    uri, artifacts = f"sqlite:///{tmp_path}/mlflow.db", str(tmp_path / "artifacts")
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "RETINAOPS_ARTIFACT_ROOT": artifacts}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("RETINAOPS_HOME", str(tmp_path / "home"))
+    tracker = Tracker(uri, artifacts)
+    run_id = tracker.start_run("export", "trial")
+    few_objects.save(tmp_path / "model.pt")
+    version = tracker.register_model(tracker.log_model(run_id, tmp_path / "model.pt"), "exported", {})
+    tracker.end_run(run_id)
+
+    out = tmp_path / "m.onnx"
+    args = ["export", "--model", f"models:/exported/{version}", "--out", str(out), "--with-postprocess"]
+    assert main([*args, "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["postprocess"] is True and summary["max_abs_diff"] < 1e-4
+    assert summary["logged"] == f"runs:/{run_id}/export/m.onnx"
+    tags = tracker.get_model_version("exported", version).tags
+    assert tags["export"] == summary["logged"] and tags["export.onnx_model"] == summary["onnx_model"]
+
+    signature = mlflow.models.get_model_info(summary["onnx_model"]).signature
+    assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [
+        ("images", np.dtype("float32"), (-1, 3, -1, -1)),
+        ("image_sizes", np.dtype("int64"), (-1, 2)),
+        ("original_sizes", np.dtype("int64"), (-1, 2)),
+    ]
+    assert [s.name for s in signature.outputs.inputs] == ["boxes", "scores", "labels", "batch_index"]
+    graph = mlflow.onnx.load_model(summary["onnx_model"])  # an onnx.ModelProto, weights inside
+    loaded = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    image = sample_images(few_objects)[1]
+    batch, sizes, _ = few_objects.preprocess([image])
+    feed = {
+        "images": batch.numpy(),
+        "image_sizes": np.array(sizes),
+        "original_sizes": np.array([image.shape[1:]]),
+    }
+    boxes, scores, labels, batch_index = loaded.run(None, feed)
+    with torch.no_grad():
+        want = few_objects([image])[0]
+    assert len(scores) == len(want["scores"]) > 0 and (batch_index == 0).all()
+    order = np.argsort(-scores)
+    assert np.abs(scores[order] - want["scores"].numpy()).max() < 1e-4
+    assert (labels[order] == want["labels"].numpy()).all()
+    assert np.abs(boxes[order] - want["boxes"].numpy()).max() < 1e-4

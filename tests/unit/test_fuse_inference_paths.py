@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -17,6 +19,12 @@ from retinanet import RetinaNet, RetinaNetConfig
 from retinaops.cli import main
 
 NORMS = (nn.BatchNorm2d, FrozenBatchNorm2d)
+
+
+def _png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")  # lossless: the served model sees these pixels
+    return buffer.getvalue()
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
@@ -105,7 +113,7 @@ def test_served_model_is_folded_and_detects_what_the_stored_one_does(checkpoint:
     assert not _has_batchnorm(served.model) and not served.model.training
     assert not served.model.backbone.channels_last
     images = (np.random.default_rng(1).random((2, 80, 96, 3)) * 255).astype(np.uint8)  # (N, H, W, 3)
-    got = served.predict(None, images)
+    got = served.predict(None, pd.DataFrame({"image": [_png(a) for a in images]}))
     stored = RetinaNet.load(checkpoint).eval()
     with torch.inference_mode():
         expected = stored([torch.from_numpy(a).float().div(255).permute(2, 0, 1) for a in images])

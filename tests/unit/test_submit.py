@@ -23,8 +23,11 @@ from retinaops.cluster.jobs import (
     runtime_env,
     token_source,
 )
+from retinaops.job.settings import COMMIT_VAR, source_commit
 from retinaops.job.spec import SpecError
 
+# The commit of this checkout goes with every job (its folder on the cluster has no .git).
+COMMIT = {COMMIT_VAR: c} if (c := source_commit({})) else {}
 JOBS = Path(__file__).resolve().parents[2] / "jobs"
 SETTINGS = {
     "MLFLOW_TRACKING_URI": "http://mlflow.internal:5000",
@@ -92,7 +95,7 @@ def test_settings_travel_and_credentials_stay_unless_asked():
 
 def test_empty_settings_are_left_to_the_cluster_nodes():
     request = job_request(JOBS / "demo.yaml", [], {"MLFLOW_TRACKING_URI": " ", "RETINAOPS_STORAGE": ""})
-    assert request.env_vars == {} and request.tracking_uri is None
+    assert request.env_vars == COMMIT and request.tracking_uri is None
 
 
 @pytest.mark.parametrize(
@@ -130,7 +133,7 @@ def test_the_runtime_env_uploads_the_two_packages_and_the_spec_folder_only(tmp_p
     assert env["working_dir"] == str(tmp_path)
     assert [Path(p).name for p in env["py_modules"]] == ["retinanet", "retinaops"]
     assert all((Path(p) / "__init__.py").is_file() for p in env["py_modules"]) and CODE
-    assert env["env_vars"] == SETTINGS and "__pycache__" in env["excludes"]
+    assert env["env_vars"] == {**SETTINGS, **COMMIT} and "__pycache__" in env["excludes"]
 
 
 def test_a_bad_spec_fails_before_the_cluster_is_contacted():

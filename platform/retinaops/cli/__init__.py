@@ -51,7 +51,7 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
     "predict": Command("draw a checkpoint's detections on images", m.add_predict_args, m.cmd_predict),
     "latency": Command("time a checkpoint's forward pass per image", m.add_latency_args, m.cmd_latency),
     "train": Command(
-        "train a detector on Ray from a job spec, tracked in MLflow", t.add_spec_args, t.cmd_train
+        "train a detector on Ray from a job spec, tracked in MLflow", t.add_train_args, t.cmd_train
     ),
     "demo": Command(
         "the main job on embedded defaults (local Ray, MLflow, storage, data)", d.add_demo_args, d.cmd_demo

@@ -115,11 +115,15 @@ def _print_leaderboard(rows: list[dict]) -> None:
 
 
 def add_promote_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("sweep", help="sweep name or parent run id")
+    parser.add_argument("sweep", nargs="?", help="sweep name or parent run id (or --run)")
+    parser.add_argument(
+        "--run", dest="run_id", metavar="RUN_ID", help="promote this one run (e.g. a `retinaops train` run)"
+    )
     parser.add_argument(
         "--rule",
         default="max AP",
-        help="which trial: 'max|min METRIC [where METRIC <=|<|>=|> NUMBER [and ...]]' (default: 'max AP')",
+        help="which trial: 'max|min METRIC [where METRIC <=|<|>=|> NUMBER [and ...]]' (default: 'max AP'); "
+        "with --run, what it is held to the champion by",
     )
     parser.add_argument("--name", help="registered model name (default: retinanet-<experiment>)")
     parser.add_argument("--force", action="store_true", help="promote even if the champion is better")
@@ -127,34 +131,48 @@ def add_promote_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
+    if (args.sweep is None) == (args.run_id is None):
+        raise ValueError("promote: expected a SWEEP or --run RUN_ID, not both and not neither")
     name = args.name or f"retinanet-{args.experiment}"
     return promote_trial(
-        _tracker(), args.experiment, args.sweep, args.rule, name, force=args.force, as_json=args.json
+        _tracker(),
+        args.experiment,
+        args.sweep,
+        args.rule,
+        name,
+        force=args.force,
+        as_json=args.json,
+        run=args.run_id,
     )
 
 
 def promote_trial(
     tracker,
     experiment: str,
-    sweep: str,
+    sweep: str | None,
     rule_text: str,
     name: str,
     *,
     force: bool = False,
     as_json: bool = False,
+    run: str | None = None,
 ) -> int:
-    """Promote the trial of the sweep that the rule picks to `name`@champion and say so; ValueError when
-    the rule is bad, no trial qualifies, or the champion is better (unless force)."""
-    from retinaops.tracking.registry import CHAMPION, Rule, promote
+    """Promote the trial of the sweep that the rule picks (or the one `run`) to `name`@champion and say
+    so; ValueError when the rule is bad, no trial qualifies, or the champion is better (unless force)."""
+    from retinaops.tracking.registry import CHAMPION, Rule, promote, promote_run
 
     rule = Rule.parse(rule_text)  # a bad rule fails before anything is read
-    done = promote(tracker, experiment, sweep, rule, name, force=force)
+    if run is not None:
+        done = promote_run(tracker, run, name, rule=rule, force=force)
+    else:
+        done = promote(tracker, experiment, sweep, rule, name, force=force)
     summary = {
         "name": done.name,
         "version": done.version,
         "alias": CHAMPION,
         "trial_run_id": done.trial.run_id,
         "trial": done.trial.name,
+        "epoch": done.trial.tags.get("model_epoch"),
         "AP": done.trial.metrics.get("AP"),
         "latency_ms": done.trial.metrics.get("latency_ms"),
         "previous_champion": done.previous,
@@ -229,15 +247,21 @@ def add_export_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, help="file to write (default: NAME-vVERSION.onnx, or the model file's name)"
     )
+    parser.add_argument(
+        "--with-postprocess",
+        action="store_true",
+        help="include the post-processing (anchors, decoding, score threshold, NMS): the graph gives detections",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export, check against PyTorch with onnxruntime, and log on the model version when there is one."""
     import tempfile
+    import time
 
     from retinanet import RetinaNet
-    from retinaops.tracking.export import RTOL, check_onnx, export_onnx, log_export
+    from retinaops.tracking.export import RTOL, check_detections, check_onnx, export_onnx, log_export
     from retinaops.tracking.registry import local_model_file, model_version_of
 
     # A file needs no MLflow; a models:/ or runs:/ URI is downloaded, a registry version logged on.
@@ -251,36 +275,56 @@ def cmd_export(args: argparse.Namespace) -> int:
         out = Path(Path(args.model.rstrip("/")).name).with_suffix(".onnx")
     with tempfile.TemporaryDirectory() as tmp:
         model = RetinaNet.load(local_model_file(tracker, args.model, tmp)).eval()
-    export_onnx(model, out)
-    check = check_onnx(model, out)
+    started = time.perf_counter()
+    export_onnx(model, out, postprocess=args.with_postprocess)
+    export_s = time.perf_counter() - started
+    if args.with_postprocess:
+        check = check_detections(model, out)
+        inputs = {
+            "images": "(N, 3, H, W) float32, preprocessed",
+            "image_sizes": "(N, 2) int64, resized (height, width)",
+            "original_sizes": "(N, 2) int64, original (height, width)",
+        }
+        outputs = {"boxes": "(K, 4)", "scores": "(K,)", "labels": "(K,)", "batch_index": "(K,)"}
+    else:
+        check = check_onnx(model, out)
+        inputs = {"images": "(N, 3, H, W) float32, preprocessed"}
+        outputs = {"cls_logits": "(N, A, C)", "bbox_regression": "(N, A, 4)"}
     summary = {
         "model": args.model,
         "onnx": str(out),
-        "inputs": {"images": "(N, 3, H, W) float32, preprocessed"},
-        "outputs": {"cls_logits": "(N, A, C)", "bbox_regression": "(N, A, 4)"},
+        "postprocess": args.with_postprocess,
+        "inputs": inputs,
+        "outputs": outputs,
+        "export_s": round(export_s, 1),
         "max_abs_diff": check.max_abs_diff,
         "rel_diff": check.rel_diff,
         "tolerance": RTOL,
         "checked_shapes": check.shapes,
+        "detections": check.detections or None,
         "logged": None,
+        "onnx_model": None,
     }
     if not check.ok:
-        print(
-            f"retinaops: {out}: ONNX outputs differ from PyTorch's by {check.max_abs_diff:.3g} "
-            f"({check.rel_diff:.3g} of the largest output, expected <= {RTOL:g}); not logged",
-            file=sys.stderr,
+        why = check.mismatch or (
+            f"ONNX outputs differ from PyTorch's by {check.max_abs_diff:.3g} "
+            f"({check.rel_diff:.3g} of the largest output, expected <= {RTOL:g})"
         )
+        print(f"retinaops: {out}: {why}; not logged", file=sys.stderr)
         return 1
     if version is not None:
         tags = {"export.onnx.max_abs_diff": f"{check.max_abs_diff:.3g}"}
-        summary["logged"] = log_export(tracker, version, out, tags)
+        summary["logged"], summary["onnx_model"] = log_export(tracker, version, out, tags)
     if args.json:
         print(json.dumps(summary))
         return 0
-    print(f"wrote {out}: images (N, 3, H, W) -> cls_logits (N, A, C), bbox_regression (N, A, 4)")
+    signature = ", ".join(f"{k} {v}" for k, v in outputs.items())
+    print(f"wrote {out} in {export_s:.0f} s: {', '.join(inputs)} -> {signature}")
     print(
         f"  onnxruntime vs PyTorch on {check.shapes}: max abs diff {check.max_abs_diff:.3g} ({check.rel_diff:.2g} relative)"
+        + (f", detections {check.detections} alike" if check.detections else "")
     )
     if summary["logged"]:
         print(f"  logged on {version.name} version {version.version}: {summary['logged']}")
+        print(f"  mlflow.onnx.load_model({summary['onnx_model']!r})")
     return 0

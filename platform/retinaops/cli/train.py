@@ -58,6 +58,15 @@ def _print_outcome(outcome, as_json: bool) -> None:
     print(f"browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
 
 
+def add_train_args(parser: argparse.ArgumentParser) -> None:
+    add_spec_args(parser)
+    parser.add_argument(
+        "--resume",
+        metavar="RUN",
+        help="continue the MLflow run RUN (id or name) whose driver died, from its latest checkpoint",
+    )
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from retinaops.job.settings import Settings
     from retinaops.job.spec import load_spec
@@ -65,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec, args.overrides)  # a bad spec fails here, before Ray starts
     from retinaops.run.trainer import run_training
 
-    return _run(lambda: run_training(spec, Settings.from_env()), args.json)
+    return _run(lambda: run_training(spec, Settings.from_env(), resume=args.resume), args.json)
 
 
 def _run(job, as_json: bool) -> int:

@@ -211,6 +211,10 @@ def job_request(
     kind = "sweep" if spec.sweep is not None else "train"
     args = ["retinaops", kind, spec_file.name, *(a for o in overrides for a in ("--set", o))]
     env_vars = job_env(env, forward_credentials=forward_credentials)
+    from retinaops.job.settings import COMMIT_VAR, source_commit
+
+    if commit := source_commit(env):  # the job's working folder on the cluster has no .git
+        env_vars[COMMIT_VAR] = commit
     return JobRequest(
         spec=spec,
         spec_file=spec_file,

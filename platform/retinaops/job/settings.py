@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,3 +77,23 @@ class Settings:
             s3_endpoint=_get(env, "RETINAOPS_S3_ENDPOINT", "AWS_ENDPOINT_URL"),
             data_cache=home / "cache",
         )
+
+
+COMMIT_VAR = "RETINAOPS_GIT_COMMIT"
+
+
+def source_commit(env: Mapping[str, str] | None = None) -> str | None:
+    """The commit of the platform's code: RETINAOPS_GIT_COMMIT where `retinaops submit` set it (a job's
+    working folder on a cluster has no .git), else `git rev-parse HEAD` of the checkout this package
+    runs from; None outside a checkout."""
+    given = _get(os.environ if env is None else env, COMMIT_VAR)
+    if given:
+        return given
+    here = str(Path(__file__).resolve().parent)
+    try:
+        done = subprocess.run(
+            ["git", "-C", here, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() or None

@@ -139,7 +139,7 @@ class TrainSpec(Section):
     seed: int = Field(0, ge=0, description="Seed of init, sampling and augmentation.")
     eval_every: int = Field(1, ge=1, description="COCO AP on val every this many epochs (and the last).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many epochs (and the last).")
-    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept, newest first.")
+    keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept by AP; the latest is kept too.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Abort after this many NaN/inf losses in a row.")
     latency_iters: int = Field(10, ge=0, description="Timed inference passes for latency_ms; 0 skips it.")
     max_steps_per_epoch: int | None = Field(None, ge=1, description="Cut epochs short (smoke tests).")

@@ -8,6 +8,7 @@ from typing import Any
 
 from ray.train import UserCallback
 
+from retinaops.run.state import SCORE
 from retinaops.tracking.journal import default_journal_root
 from retinaops.tracking.tracker import Tracker
 
@@ -36,7 +37,7 @@ class MLflowCallback(UserCallback):
         return self._tracker
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
-        report = metrics[0]
+        report = {k: v for k, v in metrics[0].items() if k != SCORE}  # bookkeeping for Ray, not a metric
         step = int(report.get("epoch", 0))
         try:
             self.tracker.log_metrics(self.run_id, report, step)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
 from ray import tune
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
@@ -29,7 +30,8 @@ from retinaops.job.resolved import Job, resolve_job
 from retinaops.job.settings import Settings
 from retinaops.job.space import SweepSpec
 from retinaops.job.spec import JobSpec
-from retinaops.run.trainer import ensure_ray, run_tags, storage_of
+from retinaops.run.state import best_checkpoint
+from retinaops.run.trainer import ensure_ray, log_data_inputs, run_tags, storage_of
 from retinaops.run.trial import (
     ERROR_TAG,
     SWEEP_TAG,
@@ -254,6 +256,7 @@ def open_parent(tracker: Tracker, job: Job, sweep_name: str, tags: dict[str, str
         return found[0].info.run_id
     all_tags = {**tags, SWEEP_KIND_TAG: "sweep", SWEEP_TAG: sweep_name}
     run_id = tracker.start_run(spec.tracking.experiment, sweep_name, params=job.params(), tags=all_tags)
+    log_data_inputs(tracker, run_id, job)
     space = {k: p.model_dump(mode="json", exclude_none=True) for k, p in spec.sweep.space.items()}
     with tempfile.TemporaryDirectory() as tmp:
         for name, text in (("spec.yaml", spec.to_yaml()), ("search_space.json", json.dumps(space, indent=1))):
@@ -286,10 +289,13 @@ def settle_trials(tracker: Tracker, context: SweepContext, grid, storage: Storag
             tracker.set_tags(run_id, {ERROR_TAG: failure_reason(result.error)})
             tracker.end_run(run_id, "FAILED")
         else:
-            path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)
-            checkpoint = Checkpoint(path, filesystem=storage.filesystem) if path else None
+            path = (result.metrics or {}).get(CHECKPOINT_PATH_KEY)  # its latest; its best is beside it
+            fs = storage.filesystem or pafs.LocalFileSystem()
+            best = best_checkpoint(fs, path.rsplit("/", 1)[0]) if path else None
+            chosen = best.path if best is not None else path
+            checkpoint = Checkpoint(chosen, filesystem=storage.filesystem) if chosen else None
             epoch = (result.metrics or {}).get("epoch")
-            finish_trial(tracker, run_id, checkpoint, stopped_early=f"after epoch {epoch}")
+            finish_trial(tracker, run_id, checkpoint, best, stopped_early=f"after epoch {epoch}")
 
 
 def log_summary(

@@ -9,24 +9,35 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
+import re
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.fs as pafs
 import ray
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from retinaops.job.resolved import Job, resolve_job
-from retinaops.job.settings import Settings, redact
+from retinaops.job.settings import Settings, redact, source_commit
 from retinaops.job.spec import JobSpec, SpecError
 from retinaops.run.callback import MLflowCallback
 from retinaops.run.progress import ProgressDisplay, follow_progress
-from retinaops.run.worker import EVAL_FILE, MODEL_FILE, PREDICTIONS_FILE, train_loop_per_worker
+from retinaops.run.state import (
+    EVAL_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    SCORE,
+    BestCheckpoint,
+    best_checkpoint,
+)
+from retinaops.run.worker import train_loop_per_worker
 from retinaops.storage import StorageLocation, ensure_bucket
+from retinaops.tracking.leaderboard import MODEL_PREFIX
+from retinaops.tracking.lineage import dataset_input, source_tags
 from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
@@ -68,7 +79,12 @@ def build_trainer(job: Job, *, name: str, callbacks: list, progress: Any = None)
             storage_path=storage.path,
             storage_filesystem=storage.filesystem,
             failure_config=FailureConfig(max_failures=spec.scaling.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=spec.train.keep_checkpoints),
+            # The best keep_checkpoints by AP, and the latest (Ray keeps it too) to resume from.
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=spec.train.keep_checkpoints,
+                checkpoint_score_attribute=SCORE,
+                checkpoint_score_order="max",
+            ),
             callbacks=callbacks,
             worker_runtime_env={"env_vars": forwarded_env()},
         ),
@@ -91,17 +107,13 @@ def run_tags(job: Job) -> dict[str, str]:
 
     import torch
 
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+    commit = source_commit()
     spec = job.spec
     device = "cuda" if spec.scaling.use_gpu else "cpu"
     return {
         **spec.tracking.tags,
-        "git_commit": commit,
+        "git_commit": commit or "unknown",
+        **source_tags(commit),
         "data_fingerprint": job.data.fingerprint,
         "spec_hash": spec.spec_hash(),
         "torch_version": torch.__version__,
@@ -153,7 +165,9 @@ def check_cluster_resources(
         logger.warning("%s: %s (waiting for the cluster to scale up)", spec.source, problem)
 
 
-def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
+def run_training(spec: JobSpec, settings: Settings, *, resume: str | None = None) -> TrainingOutcome:
+    """Train the spec's job in one MLflow run; `resume` (a run id or name) continues that run, whose
+    driver died, from its latest complete checkpoint."""
     started = time.monotonic()
     job, _ = resolve_job(spec, settings)
     ensure_ray(settings)
@@ -161,9 +175,12 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
     check_cluster_resources(job.spec, ray.cluster_resources(), address, fixed=not settings.ray_address)
     where = job.where
     tracker = Tracker(where.tracking_uri, where.artifact_root, journal_root=where.journal_root)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    run_name = spec.tracking.run_name or f"{spec.name}-{stamp}"
-    run_id = tracker.start_run(job.experiment, run_name, params=job.params(), tags=run_tags(job))
+    if resume is not None:
+        run_id, run_name = reopen_run(tracker, job, resume)
+    else:
+        run_name = spec.tracking.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        run_id = tracker.start_run(job.experiment, run_name, params=job.params(), tags=run_tags(job))
+        log_data_inputs(tracker, run_id, job)
     logger.info("MLflow run %s in experiment %r at %s", run_id, job.experiment, redact(where.tracking_uri))
     callback = MLflowCallback(where.tracking_uri, run_id, where.journal_root)
     # The step losses are logged from the progress thread, by a tracker of its own.
@@ -173,21 +190,24 @@ def run_training(spec: JobSpec, settings: Settings) -> TrainingOutcome:
             name = f"{run_name}-{run_id[:8]}"
             trainer = build_trainer(job, name=name, callbacks=[callback], progress=board)
             result = trainer.fit()
-    except BaseException as exc:
+        prune_orphan_checkpoints(result)
+        # The epochs the controller could not log go first, so that the run ends after its history.
+        tracker.flush(run_id, wait_s=FINAL_FLUSH_WAIT_S)
+        checkpoint_uri = result.checkpoint.path if result.checkpoint is not None else None
+        model_uri, tags = None, {"checkpoint.final": checkpoint_uri or ""}
+        chosen, best = model_checkpoint(result)
+        if chosen is not None:
+            with tempfile.TemporaryDirectory() as tmp:
+                local = Path(chosen.to_directory(tmp))
+                model_uri = log_final_artifacts(tracker, run_id, job, local)
+            record_model(tracker, run_id, best)
+            tags |= {"checkpoint.best": chosen.path, "model_uri": model_uri or ""}
+        tracker.set_tags(run_id, tags)
+    except BaseException as exc:  # the run never stays RUNNING: what failed, after fit() too, is its end
         tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
         tracker.end_run(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
         where_kept(tracker, run_id)
         raise
-    prune_orphan_checkpoints(result)
-    # The epochs the controller could not log go first, so that the run ends after its history.
-    tracker.flush(run_id, wait_s=FINAL_FLUSH_WAIT_S)
-    model_uri = None
-    checkpoint_uri = result.checkpoint.path if result.checkpoint is not None else None
-    if result.checkpoint is not None:
-        with tempfile.TemporaryDirectory() as tmp:
-            local = Path(result.checkpoint.to_directory(tmp))
-            model_uri = log_final_artifacts(tracker, run_id, job, local)
-    tracker.set_tags(run_id, {"checkpoint.final": checkpoint_uri or ""})
     tracker.end_run(run_id, "FINISHED")
     journal = where_kept(tracker, run_id)
     return TrainingOutcome(
@@ -219,14 +239,66 @@ def where_kept(tracker: Tracker, run_id: str) -> str | None:
     return str(journal.directory)
 
 
+def log_data_inputs(tracker: Tracker, run_id: str, job: Job) -> None:
+    """The job's data as the run's dataset input: named after its folder, digested by its fingerprint
+    (the `data_fingerprint` tag: both splits' annotations and image lists), sourced at its root (or
+    the training annotations)."""
+    root = job.spec.data.root or job.data.train_annotations
+    tracker.log_inputs(run_id, [dataset_input(Path(root).name, job.data.fingerprint, root, "training")])
+
+
+def reopen_run(tracker: Tracker, job: Job, ref: str) -> tuple[str, str]:
+    """(run id, run name) of the run `ref` (an id, or a name in the job's experiment) set RUNNING again:
+    its Train run folder ({name}-{id[:8]}) holds the checkpoints the restarted TorchTrainer resumes from.
+    Refused when it finished, or when it trained another spec (its spec_hash tag)."""
+    exp_id = tracker.experiment_id(job.experiment)
+    found = (
+        tracker.search_runs([exp_id], f"attributes.run_id = '{ref}'", max_results=1)
+        if re.fullmatch(r"[0-9a-f]{32}", ref)
+        else []
+    )
+    found = found or tracker.search_runs([exp_id], f"attributes.run_name = '{ref}'", max_results=2)
+    if len(found) != 1:
+        what = "no run" if not found else "more than one run"
+        raise ValueError(f"--resume {ref}: {what} of that id or name in experiment {job.experiment!r}")
+    run = found[0]
+    if run.info.status == "FINISHED":
+        raise ValueError(f"--resume {ref}: run {run.info.run_id} finished; nothing to resume")
+    if run.data.tags.get("spec_hash") != job.spec.spec_hash():
+        raise ValueError(
+            f"--resume {ref}: run {run.info.run_id} trained another spec (spec_hash "
+            f"{run.data.tags.get('spec_hash')}, this one {job.spec.spec_hash()}): resume it with its own spec"
+        )
+    tracker.set_status(run.info.run_id, "RUNNING")
+    tracker.set_tags(run.info.run_id, {"resumed": "true", "error": ""})
+    return run.info.run_id, run.info.run_name
+
+
+def model_checkpoint(result) -> tuple[Checkpoint | None, BestCheckpoint | None]:
+    """The checkpoint whose model a run logs: its best by AP among those Ray kept, with its evaluation;
+    the latest (no evaluation) when none was evaluated; (None, None) without checkpoints."""
+    if result.path is not None:
+        best = best_checkpoint(result.filesystem or pafs.LocalFileSystem(), result.path)
+        if best is not None:
+            return Checkpoint(best.path, filesystem=result.filesystem), best
+    return result.checkpoint, None
+
+
+def record_model(tracker: Tracker, run_id: str, best: BestCheckpoint | None) -> None:
+    """The logged model's evaluation as `model_*` metrics at its epoch (what the leaderboard and promotion
+    rank the run by: tracking.leaderboard.Trial; its history left as it was) and its epoch as a tag."""
+    if best is None:
+        return
+    tracker.log_metrics(run_id, {f"{MODEL_PREFIX}{k}": v for k, v in best.metrics.items()}, best.epoch)
+    tracker.set_tags(run_id, {"model_epoch": best.epoch})
+
+
 def prune_orphan_checkpoints(result) -> list[str]:
     """Delete checkpoint folders Ray never registered (a worker died while uploading them).
 
     Ray resumes only from registered checkpoints, so these were never used; removing them leaves
     nothing half-written in storage.
     """
-    import pyarrow.fs as pafs
-
     fs = result.filesystem
     if fs is None or result.path is None:
         return []

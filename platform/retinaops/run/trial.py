@@ -24,8 +24,14 @@ from retinaops.job.resolved import Job
 from retinaops.job.space import SweepSpec
 from retinaops.run.callback import MLflowCallback
 from retinaops.run.progress import ProgressDisplay, follow_progress
-from retinaops.run.trainer import build_trainer, prune_orphan_checkpoints
-from retinaops.run.worker import EVAL_FILE, MODEL_FILE
+from retinaops.run.state import EVAL_FILE, MODEL_FILE, BestCheckpoint
+from retinaops.run.trainer import (
+    build_trainer,
+    log_data_inputs,
+    model_checkpoint,
+    prune_orphan_checkpoints,
+    record_model,
+)
 from retinaops.tracking.registry import TRIAL_PARAM_PREFIX
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
@@ -81,6 +87,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         job = base.with_overrides(sweep.trial_overrides(sampled))
         if existing is None:
             tracker.log_params(run_id, job.params())
+            log_data_inputs(tracker, run_id, job)
             tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
         # The trial's stderr is no terminal: one progress line per epoch, which Ray echoes to the sweep's driver.
         display = ProgressDisplay(label=f"trial {trial_id} ")
@@ -100,7 +107,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         fail_trial(tracker, run_id, exc)
         raise
     prune_orphan_checkpoints(result)
-    finish_trial(tracker, run_id, result.checkpoint)
+    finish_trial(tracker, run_id, *model_checkpoint(result))
 
 
 def open_child(tracker: Tracker, context: SweepContext, trial_id: str, sampled: dict[str, Any]) -> str:
@@ -126,8 +133,11 @@ def find_child(tracker: Tracker, experiment: str, parent_run_id: str, trial_id: 
     return found[0] if found else None
 
 
-def finish_trial(tracker: Tracker, run_id: str, checkpoint, stopped_early: str | None = None) -> None:
-    """Log the trial's final model and evaluation, tag the checkpoint and model URI, end the run."""
+def finish_trial(
+    tracker: Tracker, run_id: str, checkpoint, best: BestCheckpoint | None, stopped_early: str | None = None
+) -> None:
+    """Log the model of the trial's best checkpoint and its evaluation, tag the checkpoint and model
+    URI, end the run."""
     tags: dict[str, str] = {}
     if stopped_early:
         tags["stopped_early"] = stopped_early
@@ -140,6 +150,7 @@ def finish_trial(tracker: Tracker, run_id: str, checkpoint, stopped_early: str |
         if model_uri:
             tags["model_uri"] = model_uri
         tags["checkpoint"] = checkpoint.path
+        record_model(tracker, run_id, best)
     tracker.set_tags(run_id, tags)
     tracker.end_run(run_id, "FINISHED")
 

@@ -31,17 +31,22 @@ from retinaops.job.resolved import Job
 from retinaops.job.spec import JobSpec
 from retinaops.run.evaluation import as_served, distributed, evaluate_distributed, pr_curve
 from retinaops.run.progress import ProgressPoster
-from retinaops.run.state import STATE_FILE, restore, save_state, upload_checkpoint
+from retinaops.run.state import (
+    EVAL_FILE,
+    MODEL_FILE,
+    PREDICTIONS_FILE,
+    SCORE,
+    STATE_FILE,
+    restore,
+    save_state,
+    upload_checkpoint,
+)
 from retinaops.storage import (
     materialize,
     write_manifest,
 )
 
 logger = logging.getLogger(__name__)
-
-MODEL_FILE = "model.pt"
-EVAL_FILE = "eval.json"
-PREDICTIONS_FILE = "predictions.json"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -280,6 +285,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             dist.broadcast_object_list(shared, src=0)
             metrics = shared[0]
         progress.end_epoch(metrics)
+        if save_now:
+            metrics[SCORE] = metrics.get("AP", -1.0)  # what Ray Train keeps the best checkpoints by
 
         if rank == 0 and save_now:
             with tempfile.TemporaryDirectory() as tmp:

@@ -14,10 +14,20 @@ from typing import Any
 
 from retinanet.ap_interval import overlaps
 
+MODEL_PREFIX = "model_"  # model_AP, model_latency_ms, ...: the logged model's epoch, not the last one
+
+
+def model_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A run's metrics with those of its logged model's epoch (`model_*`) in place of the last ones."""
+    ours = {k.removeprefix(MODEL_PREFIX): v for k, v in metrics.items() if k.startswith(MODEL_PREFIX)}
+    return {k: v for k, v in metrics.items() if not k.startswith(MODEL_PREFIX)} | ours
+
 
 @dataclass
 class Trial:
-    """One trial of a sweep as MLflow holds it: its child run's metrics, sampled params and tags."""
+    """One trial of a sweep (or one training run) as MLflow holds it: its run's metrics, sampled params
+    and tags. `metrics` are those of the logged model's epoch where the run recorded them (`model_*`
+    metrics: its best checkpoint), else the last ones."""
 
     run_id: str
     name: str

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from retinanet.ap_interval import interval_text, overlaps
-from retinaops.tracking.leaderboard import Trial, finite, interval_of
+from retinaops.tracking.leaderboard import Trial, finite, interval_of, model_metrics
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
 logger = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 CHAMPION = "champion"
 SWEEP_KIND_TAG = "retinaops.kind"  # "sweep" on a sweep's parent run
 TRIAL_PARAM_PREFIX = "trial."  # child-run params holding what Tune sampled, e.g. trial.model.focal_gamma
-LINEAGE_TAGS = ("sweep_run_id", "trial_run_id", "spec_hash", "data_fingerprint", "git_commit")
+LINEAGE_TAGS = ("sweep_run_id", "trial_run_id", "epoch", "spec_hash", "data_fingerprint", "git_commit")
 METRIC_TAGS = ("AP", "AP_lo", "AP_hi", "latency_ms")  # a version's metrics, kept as tags (repr: exact)
 AP_RULE_METRICS = ("AP", "AP_lo", "AP_hi")  # a rule ranking by these must beat the champion's interval
 OPS: dict[str, Callable[[float, float], bool]] = {
@@ -159,21 +159,23 @@ def sweep_trials(tracker: Tracker, parent) -> list[Trial]:
         f"tags.`{PARENT_TAG}` = '{parent.info.run_id}'",
         order_by=["attributes.start_time ASC"],
     )
-    return [
-        Trial(
-            run_id=r.info.run_id,
-            name=r.info.run_name,
-            status=r.info.status,
-            metrics=dict(r.data.metrics),
-            params={
-                k.removeprefix(TRIAL_PARAM_PREFIX): v
-                for k, v in r.data.params.items()
-                if k.startswith(TRIAL_PARAM_PREFIX)
-            },
-            tags=dict(r.data.tags),
-        )
-        for r in runs
-    ]
+    return [trial_of(r) for r in runs]
+
+
+def trial_of(run) -> Trial:
+    """A run (a sweep's trial, or a training run) as the leaderboard and promotion see it."""
+    return Trial(
+        run_id=run.info.run_id,
+        name=run.info.run_name,
+        status=run.info.status,
+        metrics=model_metrics(dict(run.data.metrics)),
+        params={
+            k.removeprefix(TRIAL_PARAM_PREFIX): v
+            for k, v in run.data.params.items()
+            if k.startswith(TRIAL_PARAM_PREFIX)
+        },
+        tags=dict(run.data.tags),
+    )
 
 
 @dataclass
@@ -195,6 +197,20 @@ def promote(
     """
     parent = find_sweep(tracker, experiment, sweep)
     trial = choose(rule, sweep_trials(tracker, parent))
+    return _promote(tracker, trial, rule, name, force=force, sweep_run=parent)
+
+
+def promote_run(
+    tracker: Tracker, run_id: str, name: str, *, rule: Rule | None = None, force: bool = False
+) -> Promotion:
+    """Register one finished run's model (a `retinaops train` run, or a trial) as the champion of `name`,
+    held to the champion as `promote` holds a sweep's pick (by `rule`, default max AP)."""
+    rule = rule or Rule.parse("max AP")
+    trial = choose(rule, [trial_of(tracker.get_run(run_id))])  # finished, with a model, meets the rule
+    return _promote(tracker, trial, rule, name, force=force, sweep_run=None)
+
+
+def _promote(tracker: Tracker, trial: Trial, rule: Rule, name: str, *, force: bool, sweep_run) -> Promotion:
     current = tracker.model_version_by_alias(name, CHAMPION)
     if current is not None:
         if current.tags.get("trial_run_id") == trial.run_id:
@@ -215,14 +231,15 @@ def promote(
                 f"{name}@{CHAMPION} (version {current.version}) has {rule.metric} {float(held):.4g}, "
                 f"better than {candidate:.4g} of trial {trial.name}: not promoted (--force promotes anyway)"
             )
-    parent_tags = parent.data.tags
+    parent_tags = sweep_run.data.tags if sweep_run is not None else {}
     tags = {
-        "sweep_run_id": parent.info.run_id,
+        "sweep_run_id": sweep_run.info.run_id if sweep_run is not None else "",
         "trial_run_id": trial.run_id,
         "spec_hash": trial.tags.get("spec_hash", ""),
         "data_fingerprint": trial.tags.get("data_fingerprint", parent_tags.get("data_fingerprint", "")),
         "git_commit": trial.tags.get("git_commit", parent_tags.get("git_commit", "")),
         "rule": str(rule),
+        "epoch": trial.tags.get("model_epoch", ""),  # the best checkpoint's epoch the model comes from
         **{m: f"{trial.metrics[m]!r}" for m in METRIC_TAGS if finite(trial.metrics.get(m))},
     }
     if current is not None:

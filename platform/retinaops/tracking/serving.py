@@ -1,110 +1,94 @@
-"""The serving face of a retinanet model file, as MLflow's pyfunc flavour calls it; no mlflow import here.
+"""The logged model's own code: a retinanet model file served through MLflow's pyfunc interface.
 
-`tracking.RetinaNetPyfunc` joins `RetinaNetPredict` to `mlflow.pyfunc.PythonModel`.
+Logged as an MLflow "model from code" (`pyfunc.py`): this file goes into the model as source, never
+pickled, and runs where the model is loaded. It imports only retinanet (carried by the model as
+code_paths), torch, numpy, PIL, pandas and mlflow: no ray, no retinaops, nothing of the platform.
+
+Input: a DataFrame with an `image` column of encoded image bytes (PNG, JPEG, anything PIL reads; the
+scoring server base64-decodes them) and an optional `score_thresh` param. Output: one row per
+detection, COLUMNS below; boxes in the original image's pixels. Each image runs alone, as
+`retinaops predict --batch-size 1` runs it: an image's detections never depend on the other rows.
 """
 
 from __future__ import annotations
 
+import io
 
-def pip_requirements() -> list[str]:
-    """What a serving environment needs for the logged model: this distribution pins the rest."""
-    from importlib.metadata import PackageNotFoundError, version
+import mlflow
+import pandas as pd
+import torch
 
-    try:
-        return [f"retinanet-platform=={version('retinanet-platform')}"]
-    except PackageNotFoundError:
-        return ["retinanet-platform"]
+from retinanet import RetinaNet
+from retinanet.checkpoint import read_checkpoint
+from retinanet.data.images import read_image
+from retinanet.draw import label_name
+from retinanet.fuse import fuse_frozen_bn
+
+COLUMNS = ["image", "x1", "y1", "x2", "y2", "score", "label", "label_name", "category_id"]
 
 
-# MLflow wraps a predict() defined on a PythonModel subclass and nags for type hints; ours takes
-# several input forms on purpose, so it lives on a plain mixin and validates its input itself.
+# MLflow wraps a predict() defined on a PythonModel subclass and nags for type hints; the signature
+# (pyfunc.py) says what predict takes, so it lives on a plain mixin.
 class RetinaNetPredict:
-    """The generic MLflow face of a retinanet model file.
-
-    predict() takes a pandas DataFrame with an `image` column (file paths or encoded image bytes),
-    a list of paths, or uint8 arrays (H, W, 3) / (N, H, W, 3); it returns one row per detection:
-    image (index of the input), x1, y1, x2, y2 (pixels), score, label, category_id, class_name.
-    """
+    """Detections of a retinanet model file (artifact `model`) on encoded images."""
 
     def load_context(self, context) -> None:
-        from retinanet import RetinaNet
-        from retinanet.checkpoint import read_checkpoint
-        from retinanet.fuse import fuse_frozen_bn
-
         path = context.artifacts["model"]
-        # For inference only: BatchNorm folded into the convolutions (same detections up to float
-        # rounding, faster); the memory layout stays the model's own.
+        # For inference only: BatchNorm folded into the convolutions, as `retinaops predict` does
+        # (same detections up to float rounding, faster); the memory layout stays the model's own.
         self.model = fuse_frozen_bn(RetinaNet.load(path), channels_last=False)
-        extra = read_checkpoint(path).get("extra", {})
-        num_classes = self.model.config.num_classes
-        self.class_names = list(extra.get("class_names") or [str(i) for i in range(num_classes)])
-        self.category_ids = list(extra.get("category_ids") or range(num_classes))
+        # Its own floor: every detection it returns scores above it, so the default keeps them all.
+        self.score_thresh = float(self.model.config.score_thresh)
+        extra = read_checkpoint(path).get("extra") or {}
+        self.class_names = list(extra.get("class_names") or [])
+        self.category_ids = list(extra.get("category_ids") or range(self.model.config.num_classes))
 
-    def predict(self, context, model_input, params=None):
-        import pandas as pd
-        import torch
-
-        images = images_from(model_input)
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        """One row per detection scoring >= params['score_thresh'] (default: the model's score_thresh)."""
+        thresh = float((params or {}).get("score_thresh", self.score_thresh))
         rows = []
         with torch.inference_mode():
-            for start in range(0, len(images), 8):
-                for offset, det in enumerate(self.model(images[start : start + 8])):
-                    for box, score, label in zip(
-                        det["boxes"].tolist(), det["scores"].tolist(), det["labels"].tolist(), strict=True
-                    ):
-                        rows.append(
-                            {
-                                "image": start + offset,
-                                "x1": box[0],
-                                "y1": box[1],
-                                "x2": box[2],
-                                "y2": box[3],
-                                "score": score,
-                                "label": label,
-                                "category_id": self.category_ids[label],
-                                "class_name": self.class_names[label],
-                            }
-                        )
-        columns = ["image", "x1", "y1", "x2", "y2", "score", "label", "category_id", "class_name"]
-        return pd.DataFrame(rows, columns=columns)
+            for n, image in enumerate(decode_images(model_input)):
+                det = self.model([image])[0]
+                keep = det["scores"] >= thresh  # (K,)
+                for box, score, label in zip(
+                    det["boxes"][keep].tolist(),
+                    det["scores"][keep].tolist(),
+                    det["labels"][keep].tolist(),
+                    strict=True,
+                ):
+                    x1, y1, x2, y2 = box
+                    name = label_name(self.class_names, label)
+                    category = self.category_ids[label] if label < len(self.category_ids) else label
+                    rows.append([n, x1, y1, x2, y2, score, label, name, category])
+        return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def images_from(model_input) -> list:
-    """(3, H, W) float tensors in [0, 1] from the input forms predict() accepts."""
-    import io
-
-    import numpy as np
-    import pandas as pd
-    import torch
-    from PIL import Image
-
-    from retinanet.data.images import read_image
-
-    def from_array(array) -> torch.Tensor:
-        array = np.asarray(array)
-        if array.ndim != 3 or array.shape[-1] != 3:
-            raise ValueError(f"expected an (H, W, 3) image array, got shape {array.shape}")
-        scale = 255.0 if array.dtype == np.uint8 else 1.0
-        return torch.from_numpy(array.astype(np.float32) / scale).permute(2, 0, 1).contiguous()
-
-    def from_item(item) -> torch.Tensor:
-        if isinstance(item, (bytes, bytearray)):
-            rgb = Image.open(io.BytesIO(item)).convert("RGB")
-            return from_array(np.asarray(rgb))
-        if isinstance(item, str):
-            return read_image(item)
-        return from_array(item)
-
-    if isinstance(model_input, pd.DataFrame):
-        if "image" not in model_input.columns:
+def decode_images(model_input) -> list[torch.Tensor]:
+    """(3, H, W) float images in [0, 1] from the `image` column, decoded as `retinaops predict` reads files."""
+    if not isinstance(model_input, pd.DataFrame) or "image" not in model_input.columns:
+        got = (
+            list(model_input.columns) if isinstance(model_input, pd.DataFrame) else type(model_input).__name__
+        )
+        raise ValueError(f"expected a DataFrame with an 'image' column of encoded image bytes, got {got}")
+    images = []
+    for n, data in enumerate(model_input["image"].tolist()):
+        if not isinstance(data, (bytes, bytearray, memoryview)):
             raise ValueError(
-                f"expected a DataFrame with an 'image' column, got columns {list(model_input.columns)}"
+                f"image row {n}: expected encoded image bytes (PNG, JPEG, ...), got {type(data).__name__}"
             )
-        return [from_item(v) for v in model_input["image"].tolist()]
-    if isinstance(model_input, np.ndarray) and model_input.ndim == 4:
-        return [from_array(a) for a in model_input]
-    if isinstance(model_input, np.ndarray):
-        return [from_array(model_input)]
-    if isinstance(model_input, (list, tuple)):
-        return [from_item(v) for v in model_input]
-    raise ValueError(f"expected image paths, bytes or arrays, got {type(model_input).__name__}")
+        try:
+            images.append(read_image(io.BytesIO(bytes(data))))
+        except ValueError as exc:  # read_image's message names a BytesIO: name the row instead
+            cause = exc.__cause__ or exc
+            raise ValueError(
+                f"image row {n}: could not decode the image: {type(cause).__name__}: {cause}"
+            ) from exc
+    return images
+
+
+class RetinaNetPyfunc(RetinaNetPredict, mlflow.pyfunc.PythonModel):
+    """The pyfunc model MLflow loads from this file."""
+
+
+mlflow.models.set_model(RetinaNetPyfunc())

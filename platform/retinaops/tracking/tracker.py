@@ -1,10 +1,11 @@
-"""MLflow: runs, params, per-epoch metrics, artifacts and the logged model. The only module that imports mlflow.
+"""MLflow: runs, params, per-epoch metrics, artifacts and the logged model. The one door to MLflow.
 
 One process writes each run: the driver creates it and logs params, artifacts and the model; a
 Ray Train callback on the Train controller (`run/callback.py`) logs every epoch's metrics. Workers never
 talk to MLflow.
 
-Every MLflow call of the platform is a Tracker method or a function here: no other module calls it.
+Every MLflow call of the platform is a Tracker method or a function here: no other module calls it
+(`pyfunc.py` only builds what a logged model carries; `serving.py` is that model's own code).
 
 A Tracker with a journal root never lets an unreachable server stop training: a write that fails
 goes to the run's journal (`journal.py`, a local file) and is replayed, in order and with backoff,
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 import re
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -29,7 +31,7 @@ from mlflow.entities import Metric, Param, RunTag
 from retinaops.environ import ScopedEnviron, environ_kept
 from retinaops.retry import retry
 from retinaops.tracking.journal import Backoff, Journal, JournaledWrites
-from retinaops.tracking.serving import RetinaNetPredict, pip_requirements
+from retinaops.tracking.pyfunc import log_model_args
 
 T = TypeVar("T")
 
@@ -178,6 +180,10 @@ class Tracker(JournaledWrites):
         """Set the run's status (e.g. RUNNING again, on resume) without ending it."""
         with_retries(lambda: self._client.update_run(run_id, status=status), "update run")
 
+    def log_inputs(self, run_id: str, datasets: Sequence[Any]) -> None:
+        """The run's dataset inputs (`lineage.dataset_input`): MLflow's Dataset column and lineage."""
+        with_retries(lambda: self._client.log_inputs(run_id, datasets=list(datasets)), "log inputs")
+
     # -- writes: delivered now, or kept in the run's journal --
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -243,13 +249,13 @@ class Tracker(JournaledWrites):
         return None
 
     def _log_model(self, run_id: str, model_file: str, name: str) -> str:
-        with _process_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name=name,
-                python_model=RetinaNetPyfunc(),
-                artifacts={"model": model_file},
-                pip_requirements=pip_requirements(),
-            )
+        """A pyfunc model from code (`pyfunc.py`: serving.py, retinanet, signature, pinned requirements)."""
+        with (
+            tempfile.TemporaryDirectory() as scratch,
+            _process_tracking_uri(self.tracking_uri),
+            mlflow.start_run(run_id=run_id),
+        ):
+            info = mlflow.pyfunc.log_model(name=name, **log_model_args(model_file, scratch))
         return info.model_uri
 
     def _uri(self) -> str:
@@ -336,6 +342,24 @@ class Tracker(JournaledWrites):
             return self._client.get_logged_model(name).artifact_location
         return self._client.get_model_version_download_uri(name, version)
 
+    def log_onnx_model(self, run_id: str, onnx_file: str | Path, signature: dict, name: str = "onnx") -> str:
+        """Log an ONNX file as an mlflow.onnx model of the run, one file with its weights; returns its
+        models:/ URI. signature: {"inputs"|"outputs": [(name, numpy dtype, shape with -1 where dynamic)]}."""
+        import onnx
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        schemas = {k: Schema([TensorSpec(t, s, n) for n, t, s in v]) for k, v in signature.items()}
+        with _process_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id):
+            info = mlflow.onnx.log_model(
+                onnx.load(str(onnx_file)),
+                name=name,
+                signature=ModelSignature(**schemas),
+                save_as_external_data=False,
+                pip_requirements=mlflow.onnx.get_default_pip_requirements(),
+            )
+        return info.model_uri
+
 
 def numeric(metrics: Mapping[str, Any]) -> dict[str, float]:
     """The finite numeric entries of a report, bookkeeping keys left out."""
@@ -362,7 +386,3 @@ def replay(journal_dir: str | Path, tracking_uri: str | None = None) -> tuple[st
     tracker = Tracker(uri, journal_root=journal.directory.parent)
     delivered, left = journal.deliver(lambda e: tracker._apply(e.run_id, e.op, e.args, journal), unreachable)
     return tracker._uri(), delivered, left
-
-
-class RetinaNetPyfunc(RetinaNetPredict, mlflow.pyfunc.PythonModel):
-    """A retinanet model file served through MLflow's pyfunc interface (see serving.RetinaNetPredict)."""
