@@ -169,9 +169,10 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
 
     # The logged model is a generic MLflow pyfunc model that predicts on images.
     import mlflow
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
 
-    mlflow.set_tracking_uri(mlflow_server.url)
-    served = mlflow.pyfunc.load_model(outcome["model_uri"])
+    with _use_tracking_uri(mlflow_server.url):  # not set_tracking_uri: it would outlive this test
+        served = mlflow.pyfunc.load_model(outcome["model_uri"])
     image = (shapes / "images" / "val_000001.png").read_bytes()
     table = served.predict(pd.DataFrame({"image": [image]}))  # encoded bytes, as its signature says
     assert list(table.columns)[:6] == ["image", "x1", "y1", "x2", "y2", "score"]

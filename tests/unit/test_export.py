@@ -187,14 +187,17 @@ def test_export_of_a_registry_version_logs_an_onnx_model_that_mlflow_onnx_loads(
     tags = tracker.get_model_version("exported", version).tags
     assert tags["export"] == summary["logged"] and tags["export.onnx_model"] == summary["onnx_model"]
 
-    signature = mlflow.models.get_model_info(summary["onnx_model"]).signature
-    assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [
-        ("images", np.dtype("float32"), (-1, 3, -1, -1)),
-        ("image_sizes", np.dtype("int64"), (-1, 2)),
-        ("original_sizes", np.dtype("int64"), (-1, 2)),
-    ]
+    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+
+    with _use_tracking_uri(uri):  # MLflow's module-level readers, at this store whatever came before
+        signature = mlflow.models.get_model_info(summary["onnx_model"]).signature
+        assert [(s.name, s.type, s.shape) for s in signature.inputs.inputs] == [
+            ("images", np.dtype("float32"), (-1, 3, -1, -1)),
+            ("image_sizes", np.dtype("int64"), (-1, 2)),
+            ("original_sizes", np.dtype("int64"), (-1, 2)),
+        ]
+        graph = mlflow.onnx.load_model(summary["onnx_model"])  # an onnx.ModelProto, weights inside
     assert [s.name for s in signature.outputs.inputs] == ["boxes", "scores", "labels", "batch_index"]
-    graph = mlflow.onnx.load_model(summary["onnx_model"])  # an onnx.ModelProto, weights inside
     loaded = onnxruntime.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     image = sample_images(few_objects)[1]
     batch, sizes, _ = few_objects.preprocess([image])
