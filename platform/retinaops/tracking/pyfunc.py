@@ -72,9 +72,10 @@ def retinanet_code(dst: str | Path) -> Path:
 def log_model_args(model_file: str | Path, scratch: str | Path) -> dict[str, Any]:
     """Keyword arguments of mlflow.pyfunc.log_model for a retinanet model file; scratch: a folder that
     lives until the model is logged."""
+    from retinanet import RetinaNetConfig
     from retinanet.checkpoint import read_checkpoint
 
-    score_thresh = read_checkpoint(model_file)["config"].get("score_thresh", 0.05)
+    score_thresh = RetinaNetConfig.from_dict(read_checkpoint(model_file)["config"]).score_thresh
     return {
         "python_model": str(SERVING_CODE),
         "artifacts": {"model": str(model_file)},
