@@ -241,3 +241,97 @@ def test_a_killed_driver_is_resumed_in_the_same_run_from_its_checkpoint(
     done = retinaops(["train", str(path), "--resume", run_id], platform_env)
     _, err = done.communicate(timeout=120)
     assert done.returncode == 2 and f"run {run_id} finished; nothing to resume" in err
+
+
+def test_a_run_whose_ap_peaks_before_its_last_epoch_is_promoted_at_its_best_epoch(
+    tmp_path, platform_env, mlflow_server
+):
+    """A real Ray run whose AP falls after epoch 0, by construction: it fine-tunes (train.init_from) a
+    model that finds the objects, on images that show them but annotate none, so each full-LR step
+    teaches it that there is nothing to find. Epoch 0 is one warm-up step at 0.001 x LR and keeps the
+    model's AP; epochs 1 and 2 take it to 0. The starting model is trained here, in this process (plain
+    PyTorch, no Ray): ~24 steps on 64 px single-class shapes."""
+    import torch
+    from mlflow import MlflowClient
+
+    from retinanet import RetinaNet, RetinaNetConfig
+    from retinanet.data import CocoDataset, collate, make_synthetic_coco
+    from retinanet.evaluate import evaluate
+
+    easy = {"num_train": 64, "num_val": 8, "num_classes": 1, "image_size": 64, "object_sizes": (16, 32)}
+    root = make_synthetic_coco(tmp_path / "easy", seed=0, **easy)
+    train = json.loads((root / "train.json").read_text())
+    (root / "nothing.json").write_text(json.dumps({**train, "annotations": []}))
+    model_section = {
+        "backbone": "resnet18",
+        "min_size": 64,
+        "max_size": 64,
+        "fpn_channels": 64,
+        "anchor_sizes": [16, 32, 64, 128, 256],
+        "size_divisible": 32,
+        "box_loss": "giou",
+        "head_norm": "group_norm",
+    }
+    torch.manual_seed(0)
+    model = RetinaNet(RetinaNetConfig(num_classes=1, **model_section))
+    loader = torch.utils.data.DataLoader(
+        CocoDataset.from_dir(root, "train"), batch_size=8, shuffle=True, collate_fn=collate
+    )
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.002)
+    for _ in range(3):
+        for images, targets in loader:
+            losses = model(images, targets)
+            optimizer.zero_grad()
+            (losses["classification"] + losses["bbox_regression"]).backward()
+            optimizer.step()
+    start_ap = evaluate(model.eval(), CocoDataset.from_dir(root, "val"))["AP"]
+    assert start_ap > 0.005  # the premise: the starting model finds objects
+    model.save(tmp_path / "start.pt", class_names=["rectangle"])
+
+    spec = {
+        "name": "peak",
+        "data": {
+            "train": {"annotations": str(root / "nothing.json"), "images": str(root)},
+            "val": {"annotations": str(root / "val.json"), "images": str(root)},
+            "loader_workers": 0,
+        },
+        "model": model_section,
+        "train": {
+            "init_from": str(tmp_path / "start.pt"),
+            "epochs": 3,
+            "batch_size": 8,
+            "max_steps_per_epoch": 1,
+            "optimizer": "adamw",
+            "lr": 0.03,
+            "base_batch_size": 8,
+            "warmup_iters": 1,  # step 0 (epoch 0) at 0.001 x lr, then the full lr
+            "warmup_factor": 0.001,
+            "schedule": "constant",
+            "keep_checkpoints": 1,  # the best and the latest: not the same checkpoint here
+            "latency_iters": 1,
+        },
+        "scaling": {"num_workers": 1, "cpus_per_worker": 1},
+        "tracking": {"experiment": "it-train", "run_name": "peak-run"},
+    }
+    proc = retinaops(["train", str(write_spec(tmp_path, spec)), "--json"], platform_env)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-4000:]
+    outcome = json.loads(out.strip().splitlines()[-1])
+
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(outcome["run_id"])
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "AP")}
+    assert sorted(history) == [0, 1, 2]
+    assert history[0] == pytest.approx(start_ap, abs=0.01)
+    assert history[0] > history[2]  # the peak is before the last epoch
+    best = max(history, key=lambda epoch: (history[epoch], epoch))
+    assert best < 2
+    assert run.data.tags["model_epoch"] == str(best)
+    assert run.data.metrics["model_AP"] == pytest.approx(history[best], abs=1e-9)
+
+    promoted = retinaops(["promote", "--run", run.info.run_id, "--name", "it-peak", "--json"], platform_env)
+    out, err = promoted.communicate(timeout=120)
+    assert promoted.returncode == 0, err[-3000:]
+    assert json.loads(out.strip().splitlines()[-1])["epoch"] == str(best)
+    version = client.get_model_version_by_alias("it-peak", "champion")
+    assert version.tags["epoch"] == str(best) and version.tags["trial_run_id"] == run.info.run_id

@@ -125,7 +125,8 @@ def _generate_if_asked(spec: JobSpec) -> None:
 
 
 def check_data_paths(spec: JobSpec) -> None:
-    """SpecError naming each missing local input (data, backbone_weights); root may be missing with synth."""
+    """SpecError naming each missing local input (data, backbone_weights, init_from); root may be missing
+    with synth."""
     problems = []
     paths = {k: Path(v).expanduser() for k, v in spec.local_paths().items()}
     root = paths.get("data.root")
@@ -141,7 +142,7 @@ def check_data_paths(spec: JobSpec) -> None:
     for key, path in paths.items():
         if key.endswith(".images") and not path.is_dir():
             problems.append(f"{key}: no such folder: {path}")
-        elif key.endswith((".annotations", "backbone_weights")) and not path.is_file():
+        elif key.endswith((".annotations", "backbone_weights", "init_from")) and not path.is_file():
             problems.append(f"{key}: no such file: {path}")
     if problems:
         raise SpecError(spec.source, problems)

@@ -24,6 +24,7 @@ from typing import Any
 
 from retinanet.config import RetinaNetConfig
 from retinaops.job.data import DataSplits, resolve_data
+from retinaops.job.init_weights import check_init_from
 from retinaops.job.paths import SpecError, flatten
 from retinaops.job.settings import Settings, redact
 from retinaops.job.spec import JobSpec, apply_overrides
@@ -125,12 +126,15 @@ class Job:
 
 def resolve_job(spec: JobSpec, settings: Settings, cwd: str | Path | None = None) -> tuple[Job, dict]:
     """Everything that can fail before Ray starts, once: local paths made absolute (against cwd, default
-    the working directory), the data generated if asked and checked, the model completed from the data.
+    the working directory), the data generated if asked and checked, the model completed from the data,
+    train.init_from's weights checked against it.
     Returns (job, data summary per split)."""
     spec = spec.with_absolute_paths(cwd)
     where = Locations.of(spec, settings)
     data, summary = resolve_data(spec, where.data_cache, where.storage_endpoint)
-    return _complete(spec, data, where), summary
+    job = _complete(spec, data, where)
+    check_init_from(job)  # a file that does not fit the model fails here, not in every worker
+    return job, summary
 
 
 def _complete(spec: JobSpec, data: DataSplits, where: Locations) -> Job:

@@ -137,6 +137,10 @@ class TrainSpec(Section):
     channels_last: Literal["auto", "on", "off"] = Field("auto", description="NHWC: auto = on GPUs only.")
     clip_grad_norm: float | None = Field(None, gt=0, description="Clip the global grad norm; None: off.")
     seed: int = Field(0, ge=0, description="Seed of init, sampling and augmentation.")
+    init_from: str | None = Field(
+        None,
+        description="Fine-tune: start from the weights of a model.pt of an earlier run (local or s3://).",
+    )
     eval_every: int = Field(1, ge=1, description="COCO AP on val every this many epochs (and the last).")
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many epochs (and the last).")
     keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept by AP; the latest is kept too.")
@@ -321,6 +325,7 @@ class JobSpec(Section):
                 paths |= {f"data.{name}.annotations": split.annotations, f"data.{name}.images": split.images}
         paths["model.backbone_weights"] = self.model.get("backbone_weights")
         paths["storage.path"] = self.storage.path
+        paths["train.init_from"] = self.train.init_from
         return {k: v for k, v in paths.items() if v is not None and _is_local(v)}
 
     def with_absolute_paths(self, base: str | Path | None = None) -> JobSpec:

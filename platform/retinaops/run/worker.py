@@ -27,6 +27,7 @@ from retinanet import RetinaNet
 from retinanet.data import CocoDataset, collate
 from retinanet.evaluate import measure_latency
 from retinaops.job.augment import build_augment
+from retinaops.job.init_weights import load_init_weights
 from retinaops.job.resolved import Job
 from retinaops.job.spec import JobSpec
 from retinaops.run.evaluation import as_served, distributed, evaluate_distributed, pr_curve
@@ -140,9 +141,11 @@ def load_datasets(job: Job, rank: int = 0):
 
 
 def build_model(job: Job, device: torch.device, world: int = 1) -> RetinaNet:
-    """The worker's detector, from the job's RetinaNetConfig as it is: SyncBatchNorm across GPU workers,
-    channels-last weights and activations where train.channels_last asks for them."""
-    model = RetinaNet(job.model)
+    """The worker's detector, from the job's RetinaNetConfig as it is, with train.init_from's weights where
+    it names some: SyncBatchNorm across GPU workers, channels-last weights and activations where
+    train.channels_last asks for them."""
+    model = RetinaNet(job.model, read_backbone_weights=job.train.init_from is None)
+    load_init_weights(model, job)  # fine-tuning; a checkpoint to resume from replaces these weights later
     if device.type == "cuda" and world > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm that trains must agree
     mode = job.train.channels_last
