@@ -213,12 +213,18 @@ class RetinaNetConfig:
 
     def _check_group_norm(self) -> None:
         for norm in ("backbone_norm", "head_norm"):
+            # 32 groups of one channel each cannot normalise a 1x1 map (P7 of a small image): torch refuses
+            # to, in eval mode too, so one 128 px image would fail to predict.
             if (
                 getattr(self, norm) == "group_norm"
                 and isinstance(self.fpn_channels, int)
-                and self.fpn_channels % 32
+                and (self.fpn_channels % 32 or self.fpn_channels < 64)
             ):
-                _fail("fpn_channels", f"a multiple of 32 with {norm}=group_norm", self.fpn_channels)
+                _fail(
+                    "fpn_channels",
+                    f"a multiple of 32, at least 64, with {norm}=group_norm",
+                    self.fpn_channels,
+                )
 
     def _check_prior(self) -> None:
         _check_number("prior_probability", self.prior_probability, 0.0, 1.0, low_open=True)

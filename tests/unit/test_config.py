@@ -1,8 +1,9 @@
 """RetinaNetConfig refuses bad values with a message naming the field, what is allowed and what came."""
 
 import pytest
+import torch
 
-from retinanet import RetinaNetConfig
+from retinanet import RetinaNet, RetinaNetConfig
 
 
 def test_defaults_follow_the_paper():
@@ -127,9 +128,29 @@ def test_group_norm_backbone_normalises_body_and_fpn_per_image_and_trains():
             {"backbone_weights": "r18.pth"},
             "backbone_norm: expected frozen, batch or auto with backbone_weights",
         ),
-        ({"fpn_channels": 48}, "fpn_channels: expected a multiple of 32 with backbone_norm=group_norm"),
+        (
+            {"fpn_channels": 48},
+            "fpn_channels: expected a multiple of 32, at least 64, with backbone_norm=group_norm",
+        ),
+        (
+            {"fpn_channels": 32},
+            "fpn_channels: expected a multiple of 32, at least 64, with backbone_norm=group_norm",
+        ),
     ],
 )
 def test_group_norm_backbone_refuses_batchnorm_weights_and_odd_channels(changes, message):
     with pytest.raises(ValueError, match=message):
         RetinaNetConfig(backbone_norm="group_norm", **changes)
+
+
+def test_a_group_norm_head_predicts_one_small_image():
+    """P7 of a 128 px image is 1x1: each of the 32 groups must hold more than one channel there."""
+    with pytest.raises(
+        ValueError, match="fpn_channels: expected a multiple of 32, at least 64, with head_norm"
+    ):
+        RetinaNetConfig(head_norm="group_norm", fpn_channels=32)
+    config = RetinaNetConfig(backbone="resnet18", num_classes=2, fpn_channels=64, head_norm="group_norm")
+    model = RetinaNet(config).eval()
+    with torch.no_grad():
+        (detections,) = model([torch.rand(3, 128, 128)])
+    assert detections["boxes"].shape[1] == 4
