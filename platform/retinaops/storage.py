@@ -11,6 +11,8 @@ variables, never from specs.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -168,7 +170,8 @@ def with_storage_retries(
     """Run one storage transfer, retrying with exponential backoff while the store fails or refuses.
 
     pyarrow raises OSError for every S3 or network failure; a FileNotFoundError is an answer, not a
-    failure, and is raised at once. After the last attempt the OSError names what failed and how often.
+    failure, and is raised at once. So is a full disk, a quota or a read-only filesystem: waiting does
+    not free space. After the last attempt the OSError names what failed and how often.
     """
     try:
         return retry(
@@ -177,12 +180,23 @@ def with_storage_retries(
             attempts=attempts,
             first_delay=first_delay,
             max_delay=max_delay,
-            retryable=lambda exc: isinstance(exc, OSError) and not isinstance(exc, FileNotFoundError),
+            retryable=lambda exc: isinstance(exc, OSError) and not _final(exc),
         )
     except FileNotFoundError:
         raise
     except OSError as exc:
+        if exc.errno in NO_ROOM:
+            raise OSError(
+                exc.errno, f"{what}: {os.strerror(exc.errno)}: free space there or set storage.path elsewhere"
+            ) from exc
         raise OSError(f"{what}: failed {attempts} times, the last with: {exc}") from exc
+
+
+NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk, a full quota, a read-only filesystem
+
+
+def _final(exc: OSError) -> bool:
+    return isinstance(exc, FileNotFoundError) or exc.errno in NO_ROOM
 
 
 def publish_checkpoint(
@@ -214,9 +228,15 @@ def publish_checkpoint(
 
 
 def _put_verified(fs: pafs.FileSystem, path: Path, target: str) -> None:
-    with open(path, "rb") as src, fs.open_output_stream(target) as out:
-        while chunk := src.read(8 << 20):
-            out.write(chunk)
+    try:
+        with open(path, "rb") as src, fs.open_output_stream(target) as out:
+            while chunk := src.read(8 << 20):
+                out.write(chunk)
+    except OSError as exc:
+        if exc.errno in NO_ROOM:  # a part of a file on a full disk: give its space back
+            with contextlib.suppress(OSError):
+                fs.delete_file(target)
+        raise
     stored = fs.get_file_info(target)
     if stored.type != pafs.FileType.File or stored.size != path.stat().st_size:
         raise OSError(f"{target}: stored {stored.size} bytes, expected {path.stat().st_size}")
