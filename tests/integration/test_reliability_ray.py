@@ -1,25 +1,23 @@
-"""A whole Ray worker node stopped mid-run: the run goes on on the other node from its last checkpoint.
+"""A whole Ray worker node stopped mid-run: the run goes on on the other nodes from its last checkpoint.
 
 This module's own cluster (ray.cluster_utils.Cluster, token auth from the session's environment): a head
-without CPUs, where the driver and the Train controller run, and two worker nodes of 1 CPU each.
+without CPUs, where the driver and the Train controller run, and three worker nodes of 1 CPU each, with
+the S3 endpoint's credentials in their environment (as a node's own role would give them). The run has
+two workers, one on each of two nodes, and its checkpoints on S3: the third node takes the lost one's
+place.
 """
 
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
-import yaml
 from mlflow import MlflowClient
+from training import retinaops, wait_for_metric_step, wait_for_run, write_spec
 
 from retinaops.cluster.services import free_port
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def outcome_of(stdout: str) -> dict:
@@ -28,7 +26,7 @@ def outcome_of(stdout: str) -> dict:
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(s3_server):
     """The cluster, with this module's folder as Ray's temp dir and as its default one (RAY_TMPDIR).
 
     Cluster writes its address to `{default temp dir}/ray/ray_current_cluster` (and deletes it on
@@ -51,9 +49,11 @@ def cluster():
     }
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_TMPDIR", temp_dir)  # the drivers this module starts inherit it too
+        for name, value in s3_server.env.items():  # the nodes' own credentials for the checkpoints
+            patch.setenv(name, value)
         cluster = Cluster(initialize_head=True, head_node_args=head)
         try:
-            for _ in range(2):
+            for _ in range(3):
                 cluster.add_node(**common, num_cpus=1)
             yield cluster
         finally:
@@ -72,64 +72,47 @@ def ancestors(pid: int) -> list[int]:
     return chain
 
 
-def node_of_the_train_worker(cluster):
-    """The worker node whose raylet started the (one) Ray Train worker of this cluster."""
+def nodes_of_the_train_workers(cluster) -> list:
+    """The worker nodes whose raylets started this cluster's Ray Train workers, one entry per worker."""
     import ray._private.ray_constants as rc
 
     raylets = {n.all_processes[rc.PROCESS_TYPE_RAYLET][0].process.pid: n for n in cluster.worker_nodes}
+    nodes = []
     for entry in os.listdir("/proc"):
         try:
             cmdline = Path(f"/proc/{entry}/cmdline").read_bytes() if entry.isdigit() else b""
         except OSError:
             continue
         if cmdline.startswith(b"ray::RayTrainWorker"):
-            hosts = [raylets[p] for p in ancestors(int(entry)) if p in raylets]
-            if hosts:
-                return hosts[0]
-    return None
+            nodes += [raylets[p] for p in ancestors(int(entry)) if p in raylets][:1]
+    return nodes
 
 
-def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_other_node(
-    cluster, mlflow_server, tiny_run_spec, tmp_path
+def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_other_nodes(
+    cluster, mlflow_server, s3_server, s3_client, tiny_run_spec, tmp_path
 ):
     spec = tiny_run_spec(
         "node-loss",
-        scaling={"max_failures": 2},
+        scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
         tracking={"experiment": "it-reliability-node", "run_name": "node-loss"},
-        storage={"path": str(tmp_path / "storage")},
+        storage={"path": "s3://checkpoints/it-node-loss"},
     )
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {
-        **os.environ,
         **mlflow_server.env,
+        **s3_server.env,
         "RAY_ADDRESS": cluster.address,
         "RETINAOPS_HOME": str(tmp_path / "home"),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retinaops.cli", "train", str(tmp_path / "spec.yaml"), "--json"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = retinaops(["train", str(write_spec(tmp_path, spec)), "--json"], env)
     client = MlflowClient(mlflow_server.url)
-    deadline = time.monotonic() + 400
-    run_id, logged = None, []
-    while not logged:  # epoch 0 reported: its checkpoint is registered before the callback logs it
-        assert proc.poll() is None, proc.stderr.read()[-4000:]
-        assert time.monotonic() < deadline, "epoch 0 was never logged"
-        time.sleep(0.5)
-        exp = client.get_experiment_by_name("it-reliability-node")
-        runs = client.search_runs([exp.experiment_id], "attributes.run_name = 'node-loss'") if exp else []
-        run_id = runs[0].info.run_id if runs else None
-        logged = client.get_metric_history(run_id, "loss") if run_id else []
-    victim = node_of_the_train_worker(cluster)
-    assert victim is not None
+    run_id = wait_for_run(client, "it-reliability-node", "node-loss", proc, timeout=400).info.run_id
+    # Epoch 0 reported: its checkpoint is registered before the callback logs it.
+    wait_for_metric_step(client, run_id, "loss", 0, proc)
+    workers = nodes_of_the_train_workers(cluster)
+    assert len(workers) == 2 and workers[0] is not workers[1]  # DDP across two nodes
+    victim = workers[0]
     checkpointed = max(m.step for m in client.get_metric_history(run_id, "loss"))
-    cluster.remove_node(
-        victim, allow_graceful=False
-    )  # the raylet and everything it started: the node is gone
+    cluster.remove_node(victim, allow_graceful=False)  # the raylet and all it started: the node is gone
 
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-6000:]
@@ -137,11 +120,12 @@ def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_o
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert "failure.1" in run.data.tags  # the lost node was seen as a worker failure ...
-    steps = [m.step for m in client.get_metric_history(run_id, "loss")]
-    assert sorted(set(steps)) == [0, 1, 2]  # ... the run finished every epoch ...
-    assert all(
-        steps.count(epoch) == 1 for epoch in range(checkpointed + 1)
-    )  # ... none before the checkpoint redone
+    for key in ("loss", "AP"):  # ... the run finished every epoch, each in its history once
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
     assert max(resumed) == checkpointed + 1  # it restarted right after the last checkpoint
-    assert len(cluster.worker_nodes) == 1
+    assert len(cluster.worker_nodes) == 2
+    keys = [
+        o["Key"] for o in s3_client.list_objects_v2(Bucket="checkpoints", Prefix="it-node-loss/")["Contents"]
+    ]
+    assert any(k.endswith("/manifest.json") and "checkpoint_" in k for k in keys)  # checkpoints on S3

@@ -3,11 +3,12 @@
 One sweep, `resumed`, shared by the tests here (every trial is a one-worker TorchTrainer, ~40 s on 2 cores):
 a grid over input resolution ranked by latency with ASHA, one trial at a time: 128 px finishes, then the
 driver is killed; `--resume` runs 512 px (slower at the first rung: ASHA stops it) and 4,000,000 px (its
-image batch cannot be allocated: the trial fails, the sweep goes on). test_sweep.py runs the other sweep.
+image batch cannot be allocated: the trial fails, the sweep goes on and exits 1). test_sweep.py runs the other sweep.
 """
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -92,7 +93,11 @@ def resumed(env, shapes, tmp_path_factory, mlflow_server):
     cpus = wait_for_free_cpus(env)
     done = retinaops(["-v", "sweep", str(path), "--resume", parent.info.run_name, "--json"], env)
     path.with_name("resume.log").write_text(done.stdout + done.stderr)
-    assert done.returncode == 0, done.stderr[-5000:]
+    # The 4,000,000 px trial fails: without --allow-failed-trials the sweep exits 1 and says how many.
+    assert done.returncode == 1, done.stderr[-5000:]
+    assert re.search(r"^retinaops: 1 of \d+ trials of sweep \S+ failed \(", done.stderr, re.MULTILINE), (
+        done.stderr[-3000:]
+    )
     outcome = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
     return {"outcome": outcome, "parent": parent, "before": before, "cpus_after_kill": cpus}
 
@@ -146,6 +151,7 @@ def test_a_trial_that_cannot_allocate_its_batch_fails_with_the_reason_and_the_sw
     assert reason.startswith("RuntimeError: ") and "DefaultCPUAllocator" in reason and "\n" not in reason
     assert "model_uri" not in failed.data.tags
     assert client.get_run(resumed["parent"].info.run_id).data.tags["num_failed"] == "1"
+    assert resumed["outcome"]["num_failed"] == 1
 
     name = resumed["parent"].info.run_name
     done = retinaops(["leaderboard", name, "--experiment", RESUME_EXPERIMENT], env, timeout=120)

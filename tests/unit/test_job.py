@@ -49,7 +49,9 @@ def test_the_model_section_is_completed_from_the_data_and_the_defaults(job):
 
 def test_params_hold_every_config_field_defaults_included(job):
     params = job.params()
-    assert {f"model.{f.name}" for f in fields(RetinaNetConfig)} <= set(params)
+    assert {
+        f"model.{f.name}" for f in fields(RetinaNetConfig) if getattr(job.model, f.name) is not None
+    } <= set(params)
     assert params["model.focal_alpha"] == "0.25" and params["model.num_classes"] == "2"
     assert params["data.fingerprint"] == job.data.fingerprint
     assert json.loads(params["data.class_names"]) == ["rectangle", "ellipse"]

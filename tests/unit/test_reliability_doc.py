@@ -41,7 +41,12 @@ def test_every_row_names_at_least_one_test():
 
 
 def test_the_totals_count_the_rows_of_the_tables():
-    assert total("Faults injected") == len(rows("## Faults"))
+    faults = rows("## Faults")
+    assert total("Faults injected") == len(faults)
+    how = [row.rstrip(" |").rsplit("|", 1)[1].strip() for row in faults]  # the last column
+    assert all(h == "real" or h.startswith(("real (", "simulated: ")) for h in how), how
+    assert total("for real") == sum(not h.startswith("simulated") for h in how)
+    assert total("simulated") == sum(h.startswith("simulated") for h in how)
     kinds = {
         "COCO files and images": len(rows("### COCO files and images")),
         "job specs": len(rows("### Job specs")),

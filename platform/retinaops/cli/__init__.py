@@ -4,8 +4,9 @@ Each command is one `cmd_*` function taking the parsed arguments and returning a
 `add_*_args` function declaring its flags; `COMMANDS` at the bottom is the whole table. Heavy imports
 (torch, the model) happen inside the commands so that `retinaops --help` stays fast.
 
-Exit codes: 0 success, 1 the command ran and found problems (e.g. `data check --strict`),
-2 a usage or input error (printed as one `retinaops: error: ...` line).
+Exit codes: 0 success, 1 the command ran and found problems (e.g. `data check --strict`, a sweep
+with failed trials) or failed unexpectedly, 2 a usage or input error, or a service (MLflow) that did not
+answer or refused. Every error is one `retinaops: error: ...` line; `-v` adds the traceback.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import argparse
 import logging
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -140,6 +142,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from retinaops.job.settings import RedactingFilter, redact
+
+    for handler in logging.getLogger().handlers:  # no password of a URI in a log line, whoever logs it
+        handler.addFilter(RedactingFilter())
     if not os.environ.get("RAY_ADDRESS"):
         # An embedded Ray binds 127.0.0.1 only with this set before ray is first imported (it is read
         # into ray_constants then; no ray.init argument replaces it). The entry point of the process sets
@@ -147,16 +153,48 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     try:
         return args.run(args)
-    except (ValueError, OSError) as exc:
-        logger.debug("command failed", exc_info=True)
-        print(f"{PROG}: error: {_describe(exc)}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if args.verbose:  # MLflow's errors name the URL they failed on, a password in it included
+            print(redact(traceback.format_exc()), end="", file=sys.stderr)
+        expected = isinstance(exc, (ValueError, OSError)) or _mlflow_error(exc) is not None
+        text = _describe(exc) if expected else f"unexpected {type(exc).__name__}: {exc} (-v shows where)"
+        print(f"{PROG}: error: {redact(_one_line(text))}", file=sys.stderr)
+        return 2 if expected else 1
 
 
 def _describe(exc: BaseException) -> str:
+    mlflow_error = _mlflow_error(exc)
+    if mlflow_error is not None:
+        status = mlflow_error.get_http_status_code()
+        from mlflow.exceptions import RestException
+
+        hint = ""
+        if status in (401, 403):
+            hint = (
+                " (the server refused the credentials: MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, "
+                "or MLFLOW_TRACKING_TOKEN)"
+            )
+        elif status == 404 and not isinstance(mlflow_error, RestException):  # not an answer of MLflow's API
+            hint = " (no MLflow API there: is MLFLOW_TRACKING_URI right?)"
+        return f"MLflow answered {status}: {mlflow_error.message}{hint}"
     if isinstance(exc, OSError) and exc.filename is not None and exc.strerror:
         return f"{exc.filename}: {exc.strerror}"
-    return str(exc)
+    return str(exc) or type(exc).__name__
+
+
+def _mlflow_error(exc: BaseException):
+    """exc as an MlflowException (RestException included), or None; mlflow is imported only if it was."""
+    if "mlflow" not in sys.modules:
+        return None
+    from mlflow.exceptions import MlflowException
+
+    return exc if isinstance(exc, MlflowException) else None
+
+
+def _one_line(text: str, limit: int = 1000) -> str:
+    """Whitespace (newlines of a server's HTML page, say) folded to single spaces, and cut at limit."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."

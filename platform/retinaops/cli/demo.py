@@ -16,6 +16,7 @@ from pathlib import Path
 
 from retinaops.cli.model import model_file, predict_images
 from retinaops.cli.sweep import promote_trial, show_leaderboard
+from retinaops.job.settings import redact
 
 DEMO_SPEC = Path("jobs/demo_sweep.yaml")
 DEMO_MODEL = "retinanet-demo"
@@ -38,7 +39,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     """The whole story on embedded defaults (local Ray, MLflow on SQLite, local storage, generated data):
     a sweep with ASHA, its leaderboard with the Pareto front, the champion promoted under a latency
     budget, a prediction by the champion, and how to browse it all. Each step shows its command."""
-    from retinaops.job.settings import Settings, redact
+    from retinaops.job.settings import Settings
     from retinaops.job.spec import load_spec
     from retinaops.tracking.registry import CHAMPION
     from retinaops.tracking.tracker import Tracker
@@ -83,10 +84,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
         f"\ndemo done in {figures['demo_s']:.0f} s: champion {champion} = version {figures['version']} "
         f"(AP {figures['AP']:.4f}, latency {figures['latency_ms']:.1f} ms/image, rule '{figures['rule']}')"
     )
-    print(f"browse it all: {shlex.join(['mlflow', 'ui', '--backend-store-uri', settings.tracking_uri])}")
+    print(f"browse it all: {browse_command(settings.tracking_uri)}")
+    experiment_id = tracker.experiment_id(experiment)
+    # MLflow 3.17's UI opens experiments on its GenAI pages until "Model training" is chosen: link past it.
+    print(f"then open http://127.0.0.1:5000/#/experiments/{experiment_id}/runs?workflowType=machine_learning")
     if args.json:
         print(json.dumps(figures))
     return 0
+
+
+def browse_command(tracking_uri: str) -> str:
+    """`mlflow ui` on the demo's store, a password in its URI shown as ***."""
+    return shlex.join(["mlflow", "ui", "--backend-store-uri", redact(tracking_uri)])
 
 
 def _step(*command: str) -> None:

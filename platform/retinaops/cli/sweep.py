@@ -10,18 +10,24 @@ from pathlib import Path
 from retinaops.cli.train import add_spec_args
 
 
-def _tracker():
+def _tracker(one_deadline: bool = True):
+    """The tracker of an interactive command: all its MLflow calls end within RETINAOPS_MLFLOW_TIMEOUT."""
     from retinaops.job.settings import Settings
     from retinaops.tracking.tracker import Tracker
 
     settings = Settings.from_env()
-    return Tracker(settings.tracking_uri, str(settings.artifact_root))
+    return Tracker(settings.tracking_uri, str(settings.artifact_root), one_deadline=one_deadline)
 
 
 def add_sweep_args(parser: argparse.ArgumentParser) -> None:
     add_spec_args(parser)
     parser.add_argument(
         "--resume", metavar="NAME", help="resume the sweep of that name: finished trials are not run again"
+    )
+    parser.add_argument(
+        "--allow-failed-trials",
+        action="store_true",
+        help="exit 0 when some trials failed but not all (default: exit 1 when any failed)",
     )
 
 
@@ -38,6 +44,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         "parent_run_id": outcome.parent_run_id,
         "experiment": outcome.experiment,
         "wall_s": round(outcome.wall_s, 1),
+        "num_failed": outcome.num_failed,
         "trials": outcome.rows,
     }
     if args.json:
@@ -47,8 +54,21 @@ def cmd_sweep(args: argparse.Namespace) -> int:
             f"sweep {outcome.sweep_name} finished in {outcome.wall_s:.0f} s (MLflow run {outcome.parent_run_id})"
         )
         _print_leaderboard(outcome.rows)
-    failed = [r for r in outcome.rows if r["status"] == "FAILED"]
-    return 1 if failed and len(failed) == len(outcome.rows) else 0
+    return sweep_exit_code(outcome, allow_failed_trials=args.allow_failed_trials)
+
+
+def sweep_exit_code(outcome, *, allow_failed_trials: bool = False) -> int:
+    """1 when any trial failed (all of them, with allow_failed_trials), saying how many; else 0."""
+    failed, total = outcome.num_failed, len(outcome.rows)
+    if not failed or (allow_failed_trials and failed < total):
+        return 0
+    names = ", ".join(r["name"] for r in outcome.rows if r["status"] == "FAILED")
+    allowed = "" if allow_failed_trials else "; --allow-failed-trials exits 0 unless all fail"
+    print(
+        f"retinaops: {failed} of {total} trials of sweep {outcome.sweep_name} failed ({names}){allowed}",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _add_experiment_arg(parser: argparse.ArgumentParser) -> None:
@@ -265,7 +285,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from retinaops.tracking.registry import local_model_file, model_version_of
 
     # A file needs no MLflow; a models:/ or runs:/ URI is downloaded, a registry version logged on.
-    tracker = _tracker() if args.model.startswith(("models:/", "runs:/")) else None
+    tracker = _tracker(one_deadline=False) if args.model.startswith(("models:/", "runs:/")) else None
     version = model_version_of(tracker, args.model) if tracker is not None else None
     if args.out is not None:
         out = args.out

@@ -26,19 +26,28 @@ def add_spec_args(parser: argparse.ArgumentParser) -> None:
 
 def _print_outcome(outcome, as_json: bool) -> None:
     from retinanet.layout import METRIC_NAMES
+    from retinaops.job.settings import redact
 
     keys = (*METRIC_NAMES, "latency_ms", "images_per_s", "loss")
     metrics = {k: outcome.metrics[k] for k in keys if k in outcome.metrics}
     summary = {
         "run_id": outcome.run_id,
         "experiment": outcome.experiment,
-        "tracking_uri": outcome.tracking_uri,
+        "tracking_uri": redact(outcome.tracking_uri),  # its password stays in MLFLOW_TRACKING_URI
         "checkpoint": outcome.checkpoint_uri,
         "model_uri": outcome.model_uri,
         "wall_s": round(outcome.wall_s, 1),
         "metrics": metrics,
         "mlflow_journal": outcome.mlflow_journal,
+        "mlflow_refused": _refused(outcome),
     }
+    if refused := summary["mlflow_refused"]:
+        ops = ", ".join(f"{n} {op}" for op, n in refused["ops"].items())
+        print(
+            f"retinaops: MLflow refused {refused['writes']} writes of the run ({ops}), not in MLflow: "
+            f"kept in {refused['kept_in']}; the first refusal: {refused['reason'][:200]}",
+            file=sys.stderr,
+        )
     if outcome.mlflow_journal:
         print(
             f"retinaops: MLflow was unreachable; the run's remaining metrics and artifacts are kept in "
@@ -55,7 +64,16 @@ def _print_outcome(outcome, as_json: bool) -> None:
         print(f"  {key:<14} {value:.4f}")
     print(f"  checkpoint     {outcome.checkpoint_uri}")
     print(f"  model          {outcome.model_uri}")
-    print(f"browse: mlflow ui --backend-store-uri {outcome.tracking_uri}")
+    print(f"browse: mlflow ui --backend-store-uri {redact(outcome.tracking_uri)}")
+
+
+def _refused(outcome) -> dict | None:
+    """The run's MLflow writes the server refused, as its journal keeps them (`journal.refused_writes`)."""
+    from retinaops.job.settings import Settings
+    from retinaops.tracking.journal import refused_writes
+
+    folder = outcome.mlflow_journal or Settings.from_env().journal_root / outcome.run_id
+    return refused_writes(folder)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -98,8 +116,9 @@ def add_replay_args(parser: argparse.ArgumentParser) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     """Send the MLflow writes a run kept while the tracking server was unreachable; 1 if some are still kept."""
+    from retinaops.job.settings import redact
     from retinaops.tracking.tracker import replay
 
     uri, delivered, left = replay(args.journal, args.tracking_uri)
-    print(f"sent {delivered} kept writes to {uri}; {left} still kept in {args.journal}")
+    print(f"sent {delivered} kept writes to {redact(uri)}; {left} still kept in {args.journal}")
     return 1 if left else 0

@@ -110,10 +110,15 @@ class Job:
         return Job(spec, RetinaNetConfig.from_dict(spec.model), self.data, self.where)
 
     def params(self) -> dict[str, str]:
-        """MLflow params: every spec value (the model's defaults included; a sweep's section on its parent
-        run), the data's identity and the derived LR and batch; strings as they are, the rest as JSON.
-        Tags are not params."""
-        flat = {k: v for k, v in flatten(self.spec.to_dict()).items() if not k.startswith("tracking.tags")}
+        """MLflow params: every spec value that is set (the model's defaults included; a sweep's section on
+        its parent run), the data's identity and the derived LR and batch; strings as they are, the rest as
+        JSON. What is unset (None: a default taken from elsewhere, a sweep parameter's unused kinds) is left
+        out rather than logged as "null". Tags are not params."""
+        flat = {
+            k: v
+            for k, v in flatten(self.spec.to_dict()).items()
+            if v is not None and not k.startswith("tracking.tags")
+        }
         flat |= {
             "data.fingerprint": self.data.fingerprint,
             "data.class_names": list(self.data.class_names),

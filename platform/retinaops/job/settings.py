@@ -13,6 +13,7 @@ read here: boto3, pyarrow and MLflow take them from their usual environment vari
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -20,7 +21,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-_USERINFO = re.compile(r"^([a-z][a-z0-9+.-]*://)[^/@]*@", re.IGNORECASE)
+# scheme://userinfo@: up to the last @ before the path, so that a password holding @ goes whole
+_USERINFO = re.compile(r"\b([a-z][a-z0-9+.-]*://)[^/\s'\"]*@", re.IGNORECASE)
 
 
 def _get(env: Mapping[str, str], *names: str) -> str | None:
@@ -33,9 +35,23 @@ def _absolute(location: str, cwd: Path) -> str:
     return location if "://" in location else str((cwd / Path(location).expanduser()).absolute())
 
 
-def redact(uri: str) -> str:
-    """The URI without user:password@, e.g. for printing a postgresql:// or http:// tracking URI."""
-    return _USERINFO.sub(r"\1***@", uri)
+def redact(text: str) -> str:
+    """The URI (or every URI in a text) with its user:password@ shown as ***@: the one form in which the
+    platform prints or logs a tracking URI, a storage path or an address (postgresql://, http://, ...)."""
+    return _USERINFO.sub(r"\1***@", text)
+
+
+class RedactingFilter(logging.Filter):
+    """Redacts the URIs in every record a handler emits, whoever logged it (retinaops, MLflow, Ray).
+
+    The CLI puts it on its log handlers: a URI that reaches a log line unredacted is masked there too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        shown = redact(message)
+        if shown != message:
+            record.msg, record.args = shown, None
+        return True
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -188,6 +188,7 @@ class TrackingSpec(Section):
     tracking_uri: str | None = Field(None, description="MLflow tracking URI; None: from the settings.")
     run_name: str | None = Field(None, description="MLflow run name; None: the job name.")
     tags: dict[str, str] = Field({}, description="Extra MLflow tags of the run (never secrets).")
+    system_metrics: bool = Field(True, description="Record CPU, memory and GPU use as system/* metrics.")
 
     @model_validator(mode="after")
     def _no_secrets(self) -> TrackingSpec:
@@ -324,8 +325,8 @@ class JobSpec(Section):
             if (split := getattr(self.data, name)) is not None:
                 paths |= {f"data.{name}.annotations": split.annotations, f"data.{name}.images": split.images}
         paths["model.backbone_weights"] = self.model.get("backbone_weights")
-        paths["storage.path"] = self.storage.path
         paths["train.init_from"] = self.train.init_from
+        paths["storage.path"] = self.storage.path
         return {k: v for k, v in paths.items() if v is not None and _is_local(v)}
 
     def with_absolute_paths(self, base: str | Path | None = None) -> JobSpec:

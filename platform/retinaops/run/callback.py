@@ -34,6 +34,9 @@ class MLflowCallback(UserCallback):
     def tracker(self) -> Tracker:
         if self._tracker is None:
             self._tracker = Tracker(self.tracking_uri, journal_root=self.journal_root, writer="controller")
+            # A write MLflow refuses (401, 403, ...) is kept in the journal's rejected.jsonl and warned of
+            # once per kind, and the driver's outcome counts it: never dropped, never stopping training.
+            self._tracker.keep_refused = True
         return self._tracker
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
@@ -45,8 +48,13 @@ class MLflowCallback(UserCallback):
                 self.tracker.set_tags(
                     self.run_id, {"checkpoint.latest": checkpoint.path, "epoch.latest": step}
                 )
-        except Exception:  # tracking trouble must never stop training
-            logger.exception("could not log epoch %d to MLflow run %s", step, self.run_id)
+        except Exception:  # neither sent, kept nor set aside (the journal's disk failed): said, not raised
+            logger.exception(
+                "epoch %d of MLflow run %s is neither in MLflow nor in its journal %s",
+                step,
+                self.run_id,
+                self.journal_root,
+            )
 
     def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
         self.num_failures += 1

@@ -26,10 +26,11 @@ from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY
 from ray.tune.schedulers import ASHAScheduler, TrialScheduler
 
 from retinaops.environ import ScopedEnviron
-from retinaops.job.resolved import Job, resolve_job
-from retinaops.job.settings import Settings
+from retinaops.job.resolved import Job, Locations, resolve_job
+from retinaops.job.settings import Settings, redact
 from retinaops.job.space import SweepSpec
 from retinaops.job.spec import JobSpec
+from retinaops.run.seal import KEY_FILE, SealCallback, check_seal, local_key, seal_tuner
 from retinaops.run.state import best_checkpoint
 from retinaops.run.trainer import ensure_ray, log_data_inputs, run_tags, storage_of
 from retinaops.run.trial import (
@@ -45,6 +46,7 @@ from retinaops.run.trial import (
 )
 from retinaops.storage import StorageLocation
 from retinaops.tracking.leaderboard import Trial, leaderboard, plot_pareto, write_leaderboard_csv
+from retinaops.tracking.notes import NOTE_TAG, outcome_text, run_note, what_trained
 from retinaops.tracking.registry import SWEEP_KIND_TAG, sweep_trials
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
@@ -67,6 +69,11 @@ class SweepOutcome:
     experiment: str
     rows: list[dict[str, Any]]  # the leaderboard
     wall_s: float
+
+    @property
+    def num_failed(self) -> int:
+        """Trials that failed (a trial ASHA stopped early did not)."""
+        return sum(r["status"] == "FAILED" for r in self.rows)
 
 
 def param_space(sweep: SweepSpec) -> dict[str, Any]:
@@ -115,13 +122,21 @@ class ResumableASHA(ASHAScheduler):
     ) -> None:
         super().__init__(time_attr=TIME_ATTR, max_t=epochs, stop_last_trials=False, **kwargs)
         self.epochs = epochs
-        self.tracking_uri = tracking_uri
+        self.tracking_uri: str | None = tracking_uri
         self.experiment = experiment
         self.parent_run_id = parent_run_id
 
+    def __getstate__(self) -> dict[str, Any]:
+        # Tune pickles the scheduler into tuner.pkl in the sweep's storage: never a password. Such a URI
+        # came from MLFLOW_TRACKING_URI (a spec's may hold none: spec.py), where a resumed sweep finds it.
+        state = self.__dict__.copy()
+        if self.tracking_uri is not None and redact(self.tracking_uri) != self.tracking_uri:
+            state["tracking_uri"] = None
+        return state
+
     def on_trial_add(self, tune_controller, trial) -> None:
         super().on_trial_add(tune_controller, trial)
-        tracker = Tracker(self.tracking_uri)
+        tracker = Tracker(self.tracking_uri or Settings.from_env().tracking_uri)
         child = find_child(tracker, self.experiment, self.parent_run_id, trial.trial_id)
         if child is None:
             return
@@ -194,6 +209,8 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
     if resume is not None:
         if not tune.Tuner.can_restore(path, storage_filesystem=storage.filesystem):
             raise ValueError(f"--resume {resume}: no sweep state at {storage.join(sweep_name)}")
+        # Tune unpickles the snapshot: only one this machine wrote (run/seal.py), checked before it does.
+        check_seal(_fs(storage), path, local_key(settings.home), settings.home / KEY_FILE)
         # Finished and failed trials keep their results; unfinished ones run again (a trial that had
         # finished after Tune's last snapshot reports from MLflow), continuing from their checkpoints.
         tuner = tune.Tuner.restore(
@@ -204,28 +221,7 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
             storage_filesystem=storage.filesystem,
         )
     else:
-        tuner = tune.Tuner(
-            trainable,
-            param_space=param_space(spec.sweep),
-            tune_config=tune.TuneConfig(
-                num_samples=spec.sweep.num_samples,
-                max_concurrent_trials=concurrency(spec),
-                search_alg=search_algorithm(spec.sweep),
-                scheduler=scheduler(
-                    spec.sweep,
-                    spec.train.epochs,
-                    tracking_uri=tracking_uri,
-                    experiment=spec.tracking.experiment,
-                    parent_run_id=parent_run_id,
-                ),
-            ),
-            run_config=tune.RunConfig(
-                name=sweep_name,
-                storage_path=storage.path,
-                storage_filesystem=storage.filesystem,
-                failure_config=tune.FailureConfig(max_failures=0),  # Train already restarts failed workers
-            ),
-        )
+        tuner = new_tuner(trainable, spec, sweep_name, storage, settings, parent_run_id=parent_run_id)
     try:
         with LENIENT_METRICS():
             grid = tuner.fit()
@@ -241,6 +237,44 @@ def run_sweep(spec: JobSpec, settings: Settings, *, resume: str | None = None) -
     return SweepOutcome(sweep_name, parent_run_id, spec.tracking.experiment, rows, time.monotonic() - started)
 
 
+def new_tuner(
+    trainable,
+    spec: JobSpec,
+    sweep_name: str,
+    storage: StorageLocation,
+    settings: Settings,
+    *,
+    parent_run_id: str,
+) -> tune.Tuner:
+    """A new sweep's Tuner. Tune writes its tuner.pkl now, into the sweep's storage folder: it holds no
+    secret (ResumableASHA leaves a password out) and it is sealed with this machine's key (run/seal.py)."""
+    tuner = tune.Tuner(
+        trainable,
+        param_space=param_space(spec.sweep),
+        tune_config=tune.TuneConfig(
+            num_samples=spec.sweep.num_samples,
+            max_concurrent_trials=concurrency(spec),
+            search_alg=search_algorithm(spec.sweep),
+            scheduler=scheduler(
+                spec.sweep,
+                spec.train.epochs,
+                tracking_uri=Locations.of(spec, settings).tracking_uri,
+                experiment=spec.tracking.experiment,
+                parent_run_id=parent_run_id,
+            ),
+        ),
+        run_config=tune.RunConfig(
+            name=sweep_name,
+            storage_path=storage.path,
+            storage_filesystem=storage.filesystem,
+            failure_config=tune.FailureConfig(max_failures=0),  # Train already restarts failed workers
+            callbacks=[SealCallback(str(settings.home / KEY_FILE))],
+        ),
+    )
+    seal_tuner(_fs(storage), f"{storage.path.rstrip('/')}/{sweep_name}", local_key(settings.home))
+    return tuner
+
+
 def open_parent(tracker: Tracker, job: Job, sweep_name: str, tags: dict[str, str], *, resume: bool) -> str:
     """The sweep's parent run: a new one, or on resume the run of that name, set running again."""
     spec = job.spec
@@ -254,7 +288,7 @@ def open_parent(tracker: Tracker, job: Job, sweep_name: str, tags: dict[str, str
             )
         tracker.set_status(found[0].info.run_id, "RUNNING")
         return found[0].info.run_id
-    all_tags = {**tags, SWEEP_KIND_TAG: "sweep", SWEEP_TAG: sweep_name}
+    all_tags = {**tags, SWEEP_KIND_TAG: "sweep", SWEEP_TAG: sweep_name, NOTE_TAG: run_note(sweep_note(job))}
     run_id = tracker.start_run(spec.tracking.experiment, sweep_name, params=job.params(), tags=all_tags)
     log_data_inputs(tracker, run_id, job)
     space = {k: p.model_dump(mode="json", exclude_none=True) for k, p in spec.sweep.space.items()}
@@ -295,13 +329,26 @@ def settle_trials(tracker: Tracker, context: SweepContext, grid, storage: Storag
             chosen = best.path if best is not None else path
             checkpoint = Checkpoint(chosen, filesystem=storage.filesystem) if chosen else None
             epoch = (result.metrics or {}).get("epoch")
-            finish_trial(tracker, run_id, checkpoint, best, stopped_early=f"after epoch {epoch}")
+            what = child.data.tags.get(NOTE_TAG, "")
+            job = Job.from_dict(context.job)  # the sweep's: the trial's data and classes, for its plots
+            finish_trial(
+                tracker, run_id, job, checkpoint, best, stopped_early=f"after epoch {epoch}", what=what
+            )
+
+
+def sweep_note(job: Job) -> str:
+    """What a sweep trains: its job, the space, the search and the scheduler."""
+    sweep = job.spec.sweep
+    how = f"{sweep.num_samples} trials ({sweep.search} search, scheduler {sweep.scheduler.type})"
+    return what_trained(job, role="sweep") + f" {how} over {', '.join(sweep.space)}."
 
 
 def log_summary(
     tracker: Tracker, run_id: str, sweep: SweepSpec, trials: list[Trial], rows: list[dict]
 ) -> None:
-    """The leaderboard (CSV and JSON), the Pareto plot, and best-trial tags on the parent run."""
+    """The leaderboard (CSV and JSON), the Pareto plot, and on the parent run: the counts of trials and the
+    best trial's AP, AP50, AP_lo, AP_hi and latency_ms as metrics (sweeps sort and chart against each
+    other), best-trial tags, and the outcome in its description."""
     with tempfile.TemporaryDirectory() as tmp:
         tracker.log_artifact(run_id, _write(Path(tmp, "leaderboard.json"), json.dumps(rows, indent=1)))
         tracker.log_artifact(run_id, write_leaderboard_csv(rows, Path(tmp, "leaderboard.csv")))
@@ -314,6 +361,10 @@ def log_summary(
         "num_stopped_early": sum(bool(t.tags.get("stopped_early")) for t in trials),
         "pareto_trials": ",".join(r["run_id"] for r in rows if r["pareto"]),
     }
+    counts = {k: tags[k] for k in ("num_trials", "num_failed", "num_stopped_early")}
+    outcome = f"{counts['num_trials']} trials, {counts['num_failed']} failed, "
+    outcome += f"{counts['num_stopped_early']} stopped early. "
+    best_metrics: dict[str, float] = {}
     if finished:
         pick = max if sweep.mode == "max" else min
         best = pick(finished, key=lambda t: t.metrics[sweep.metric])
@@ -322,9 +373,22 @@ def log_summary(
             "best_trial": best.name,
             f"best_{sweep.metric}": best.metrics[sweep.metric],
         }
-    tracker.set_tags(run_id, tags)
+        keys = ("AP", "AP50", "AP_lo", "AP_hi", "latency_ms")
+        best_metrics = {k: best.metrics[k] for k in keys if k in best.metrics}
+        model = best.tags.get("model_epoch")
+        outcome += f"Best trial `{best.name}` by {sweep.metric}: "
+        outcome += outcome_text(best.metrics, model and int(model), best.model_uri)
+    else:
+        outcome += "No trial finished with " + sweep.metric + "."
+    what = tracker.get_run(run_id).data.tags.get(NOTE_TAG, "")
+    tracker.log_metrics(run_id, best_metrics | counts, step=0)
+    tracker.set_tags(run_id, tags | {NOTE_TAG: run_note(what, outcome)})
 
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
     return path
+
+
+def _fs(storage: StorageLocation) -> pafs.FileSystem:
+    return storage.filesystem or pafs.LocalFileSystem()

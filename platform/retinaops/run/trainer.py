@@ -6,7 +6,6 @@ written); `build_trainer` is shared with sweeps; `run_training` is what `retinao
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -21,6 +20,7 @@ import ray
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from retinaops.cluster.embedded import start_embedded_ray
 from retinaops.job.resolved import Job, resolve_job
 from retinaops.job.settings import Settings, redact, source_commit
 from retinaops.job.spec import JobSpec, SpecError
@@ -38,6 +38,8 @@ from retinaops.run.worker import train_loop_per_worker
 from retinaops.storage import StorageLocation, ensure_bucket
 from retinaops.tracking.leaderboard import MODEL_PREFIX
 from retinaops.tracking.lineage import dataset_input, source_tags
+from retinaops.tracking.notes import NOTE_TAG, outcome_text, run_note, what_trained
+from retinaops.tracking.system_metrics import system_metrics
 from retinaops.tracking.tracker import Tracker
 
 logger = logging.getLogger(__name__)
@@ -49,8 +51,7 @@ def ensure_ray(settings: Settings) -> None:
     if settings.ray_address:
         ray.init(address=settings.ray_address, log_to_driver=True)
     else:
-        # The dashboard (on 127.0.0.1) serves the State API that Ray Train's clean-up relies on.
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        start_embedded_ray(settings.home)  # on 127.0.0.1, with token auth and a fresh token
 
 
 def storage_of(job: Job) -> StorageLocation:
@@ -112,7 +113,6 @@ def run_tags(job: Job) -> dict[str, str]:
     device = "cuda" if spec.scaling.use_gpu else "cpu"
     return {
         **spec.tracking.tags,
-        "git_commit": commit or "unknown",
         **source_tags(commit),
         "data_fingerprint": job.data.fingerprint,
         "spec_hash": spec.spec_hash(),
@@ -179,14 +179,18 @@ def run_training(spec: JobSpec, settings: Settings, *, resume: str | None = None
         run_id, run_name = reopen_run(tracker, job, resume)
     else:
         run_name = spec.tracking.run_name or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-        run_id = tracker.start_run(job.experiment, run_name, params=job.params(), tags=run_tags(job))
+        tags = run_tags(job) | {NOTE_TAG: run_note(what_trained(job))}
+        run_id = tracker.start_run(job.experiment, run_name, params=job.params(), tags=tags)
         log_data_inputs(tracker, run_id, job)
     logger.info("MLflow run %s in experiment %r at %s", run_id, job.experiment, redact(where.tracking_uri))
     callback = MLflowCallback(where.tracking_uri, run_id, where.journal_root)
     # The step losses are logged from the progress thread, by a tracker of its own.
     step_tracker = Tracker(where.tracking_uri, journal_root=where.journal_root, writer="progress")
     try:
-        with follow_progress(ProgressDisplay(), step_tracker, run_id) as board:
+        with (
+            follow_progress(ProgressDisplay(), step_tracker, run_id) as board,
+            system_metrics(where.tracking_uri, run_id, enabled=spec.tracking.system_metrics),
+        ):
             name = f"{run_name}-{run_id[:8]}"
             trainer = build_trainer(job, name=name, callbacks=[callback], progress=board)
             result = trainer.fit()
@@ -199,12 +203,14 @@ def run_training(spec: JobSpec, settings: Settings, *, resume: str | None = None
         if chosen is not None:
             with tempfile.TemporaryDirectory() as tmp:
                 local = Path(chosen.to_directory(tmp))
-                model_uri = log_final_artifacts(tracker, run_id, job, local)
+                model_uri = log_final_artifacts(tracker, run_id, job, local, best.epoch if best else 0)
             record_model(tracker, run_id, best)
             tags |= {"checkpoint.best": chosen.path, "model_uri": model_uri or ""}
-        tracker.set_tags(run_id, tags)
+        outcome = outcome_text(best.metrics, best.epoch, model_uri) if best else outcome_text({})
+        tracker.set_tags(run_id, tags | {NOTE_TAG: run_note(what_trained(job), outcome)})
     except BaseException as exc:  # the run never stays RUNNING: what failed, after fit() too, is its end
-        tracker.set_tags(run_id, {"error": f"{type(exc).__name__}: {exc}"[:5000]})
+        error = f"{type(exc).__name__}: {exc}"[:5000]
+        tracker.set_tags(run_id, {"error": error, NOTE_TAG: run_note(what_trained(job), f"Failed: {error}")})
         tracker.end_run(run_id, "FAILED" if not isinstance(exc, KeyboardInterrupt) else "KILLED")
         where_kept(tracker, run_id)
         raise
@@ -286,7 +292,8 @@ def model_checkpoint(result) -> tuple[Checkpoint | None, BestCheckpoint | None]:
 
 def record_model(tracker: Tracker, run_id: str, best: BestCheckpoint | None) -> None:
     """The logged model's evaluation as `model_*` metrics at its epoch (what the leaderboard and promotion
-    rank the run by: tracking.leaderboard.Trial; its history left as it was) and its epoch as a tag."""
+    rank the run by: tracking.leaderboard.Trial; its history left as it was) and its epoch as a tag. (The
+    logged model itself holds that epoch's metrics under their own names: `Tracker.log_model`'s step.)"""
     if best is None:
         return
     tracker.log_metrics(run_id, {f"{MODEL_PREFIX}{k}": v for k, v in best.metrics.items()}, best.epoch)
@@ -320,9 +327,12 @@ def prune_orphan_checkpoints(result) -> list[str]:
     return removed
 
 
-def log_final_artifacts(tracker: Tracker, run_id: str, job: Job, checkpoint_dir: Path) -> str | None:
-    """The resolved spec, the final model, evaluation files, plots and the pyfunc model."""
-    from retinaops.tracking.report import draw_samples, plot_pr_curve
+def log_final_artifacts(
+    tracker: Tracker, run_id: str, job: Job, checkpoint_dir: Path, epoch: int = 0
+) -> str | None:
+    """The resolved spec, the final model, evaluation files, plots, samples and the pyfunc model (of the
+    checkpoint's epoch: MLflow links that epoch's metrics to it)."""
+    from retinaops.tracking.report import log_evaluation  # matplotlib: only once there is a model
 
     with tempfile.TemporaryDirectory() as tmp:
         spec_path = Path(tmp, "spec.yaml")
@@ -331,10 +341,7 @@ def log_final_artifacts(tracker: Tracker, run_id: str, job: Job, checkpoint_dir:
         for name in (MODEL_FILE, EVAL_FILE, PREDICTIONS_FILE):
             if Path(checkpoint_dir, name).is_file():
                 tracker.log_artifact(run_id, Path(checkpoint_dir, name), "checkpoint")
-        evaluation = json.loads(Path(checkpoint_dir, EVAL_FILE).read_text())
-        if evaluation.get("pr_curve"):
-            tracker.log_artifact(run_id, plot_pr_curve(evaluation, Path(tmp, "pr_curve.png")), "plots")
-        samples = draw_samples(Path(checkpoint_dir, MODEL_FILE), job, Path(tmp, "samples"))
-        if samples:
-            tracker.log_artifact(run_id, Path(tmp, "samples"), "samples")
-    return tracker.log_model(run_id, Path(checkpoint_dir, MODEL_FILE))
+    log_evaluation(
+        tracker, run_id, job, checkpoint_dir / EVAL_FILE, checkpoint_dir / MODEL_FILE, samples=True
+    )
+    return tracker.log_model(run_id, Path(checkpoint_dir, MODEL_FILE), step=epoch)

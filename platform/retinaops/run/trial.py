@@ -32,7 +32,9 @@ from retinaops.run.trainer import (
     prune_orphan_checkpoints,
     record_model,
 )
+from retinaops.tracking.notes import NOTE_TAG, outcome_text, run_note, what_trained
 from retinaops.tracking.registry import TRIAL_PARAM_PREFIX
+from retinaops.tracking.system_metrics import system_metrics
 from retinaops.tracking.tracker import PARENT_TAG, Tracker
 
 logger = logging.getLogger(__name__)
@@ -85,14 +87,18 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         tracker.set_status(run_id, "RUNNING")
     try:
         job = base.with_overrides(sweep.trial_overrides(sampled))
+        what = trial_note(job, context.sweep_name, trial_id, sampled)
         if existing is None:
             tracker.log_params(run_id, job.params())
             log_data_inputs(tracker, run_id, job)
-            tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash()})
+            tracker.set_tags(run_id, {"spec_hash": job.spec.spec_hash(), NOTE_TAG: run_note(what)})
         # The trial's stderr is no terminal: one progress line per epoch, which Ray echoes to the sweep's driver.
         display = ProgressDisplay(label=f"trial {trial_id} ")
         step_tracker = Tracker(where.tracking_uri, journal_root=where.journal_root, writer="progress")
-        with follow_progress(display, step_tracker, run_id) as board:
+        with (
+            follow_progress(display, step_tracker, run_id) as board,
+            system_metrics(where.tracking_uri, run_id, enabled=job.spec.tracking.system_metrics),
+        ):
             trainer = build_trainer(
                 job,
                 name=f"{context.sweep_name}-{trial_id}",  # the same name on resume: Train picks up its checkpoints
@@ -107,7 +113,13 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         fail_trial(tracker, run_id, exc)
         raise
     prune_orphan_checkpoints(result)
-    finish_trial(tracker, run_id, *model_checkpoint(result))
+    finish_trial(tracker, run_id, job, *model_checkpoint(result), what=what)
+
+
+def trial_note(job: Job, sweep_name: str, trial_id: str, sampled: dict[str, Any]) -> str:
+    """What a trial trains: its job, and the values Tune sampled for it."""
+    values = ", ".join(f"{k} = {v}" for k, v in sampled.items())
+    return what_trained(job, role=f"trial {trial_id} of sweep `{sweep_name}`") + f" Sampled: {values}."
 
 
 def open_child(tracker: Tracker, context: SweepContext, trial_id: str, sampled: dict[str, Any]) -> str:
@@ -134,11 +146,22 @@ def find_child(tracker: Tracker, experiment: str, parent_run_id: str, trial_id: 
 
 
 def finish_trial(
-    tracker: Tracker, run_id: str, checkpoint, best: BestCheckpoint | None, stopped_early: str | None = None
+    tracker: Tracker,
+    run_id: str,
+    job: Job,
+    checkpoint,
+    best: BestCheckpoint | None,
+    stopped_early: str | None = None,
+    *,
+    what: str = "",
 ) -> None:
-    """Log the model of the trial's best checkpoint and its evaluation, tag the checkpoint and model
-    URI, end the run."""
+    """Log the model of the trial's best checkpoint and its evaluation (plots, per-class AP, detections:
+    `tracking.report.log_evaluation`), tag the checkpoint and model URI, describe the run's outcome after
+    `what` it trained, end the run. `job` draws the detections: its validation data."""
+    from retinaops.tracking.report import log_evaluation  # matplotlib: only once there is a model
+
     tags: dict[str, str] = {}
+    model_uri = None
     if stopped_early:
         tags["stopped_early"] = stopped_early
     if checkpoint is not None:
@@ -146,11 +169,16 @@ def finish_trial(
             local = Path(checkpoint.to_directory(tmp))
             if (local / EVAL_FILE).is_file():
                 tracker.log_artifact(run_id, local / EVAL_FILE, "checkpoint")
-            model_uri = tracker.log_model(run_id, local / MODEL_FILE)
+                log_evaluation(tracker, run_id, job, local / EVAL_FILE, local / MODEL_FILE)
+            model_uri = tracker.log_model(run_id, local / MODEL_FILE, step=best.epoch if best else 0)
         if model_uri:
             tags["model_uri"] = model_uri
         tags["checkpoint"] = checkpoint.path
         record_model(tracker, run_id, best)
+    outcome = outcome_text(best.metrics, best.epoch, model_uri) if best else outcome_text({})
+    if stopped_early:
+        outcome = f"Stopped early by the scheduler {stopped_early}. {outcome}"
+    tags[NOTE_TAG] = run_note(what, outcome) if what else outcome
     tracker.set_tags(run_id, tags)
     tracker.end_run(run_id, "FINISHED")
 

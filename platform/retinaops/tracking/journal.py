@@ -7,6 +7,10 @@ write returns, so nothing is lost if the process dies; files an entry refers to 
 the journal. One folder per run, one file per writing process (the driver, the Train controller),
 one lock for the folder. Replaying an entry twice is harmless: MLflow ignores a metric point it
 already has, params are logged with the same value, artifacts and tags are overwritten.
+
+A write that cannot go through however often it is tried (the server refused it, a 401 say, or a file it
+sends is gone) is set aside in `rejected.jsonl` with the reason, so that it blocks nothing behind it and
+is not lost either.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-from retinaops.retry import retry
 
 logger = logging.getLogger(__name__)
 
@@ -71,20 +73,33 @@ class Journal:
         self, op: str, args: dict[str, Any], *, tracking_uri: str, files: tuple[str, ...] = ()
     ) -> Entry:
         """Keep one write; each args key in `files` names a local file or folder, copied into the journal."""
-        entry_id = uuid.uuid4().hex
-        args = dict(args)
         with self.locked():
-            for key in files:
-                args[key] = self._spool(Path(args[key]), entry_id)
-            entry = Entry(entry_id, time.time_ns(), self.writer, self.run_id, op, args)
-            meta = self.directory / META_FILE
-            if not meta.is_file():
-                _write_durably(meta, json.dumps({"run_id": self.run_id, "tracking_uri": tracking_uri}) + "\n")
+            entry = self._entry(op, args, tracking_uri, files)
             with open(self.directory / f"{self.writer}.jsonl", "a") as out:
                 out.write(entry.as_json() + "\n")
                 out.flush()
                 os.fsync(out.fileno())
         return entry
+
+    def set_aside(
+        self, op: str, args: dict[str, Any], reason: str, *, tracking_uri: str, files: tuple[str, ...] = ()
+    ) -> Entry:
+        """Keep one write the server refused in `rejected.jsonl`, with the reason, its files copied."""
+        with self.locked():
+            entry = self._entry(op, args, tracking_uri, files)
+            self.reject(entry, reason)
+        return entry
+
+    def _entry(self, op: str, args: dict[str, Any], tracking_uri: str, files: tuple[str, ...]) -> Entry:
+        """A new entry, its files spooled and the folder's meta.json written. Call with the lock held."""
+        entry_id = uuid.uuid4().hex
+        args = dict(args)
+        for key in files:
+            args[key] = self._spool(Path(args[key]), entry_id)
+        meta = self.directory / META_FILE
+        if not meta.is_file():
+            _write_durably(meta, json.dumps({"run_id": self.run_id, "tracking_uri": tracking_uri}) + "\n")
+        return Entry(entry_id, time.time_ns(), self.writer, self.run_id, op, args)
 
     def _spool(self, source: Path, entry_id: str) -> str:
         """Copy a file or folder into the journal; returns its new path relative to the journal folder."""
@@ -148,8 +163,8 @@ class Journal:
         self, send: Callable[[Entry], Any], retry_later: Callable[[Exception], bool]
     ) -> tuple[int, int]:
         """Send the entries oldest first until one fails with an error worth retrying later; an entry
-        failing otherwise is set aside (`rejected.jsonl`) so it cannot block the rest. Returns
-        (delivered, left)."""
+        failing otherwise (refused, or a kept file gone) is set aside (`rejected.jsonl`) so it cannot
+        block the rest. Returns (delivered, left): set-aside entries count as delivered."""
         with self.locked():
             entries = self.entries()
             done: list[Entry] = []
@@ -161,7 +176,11 @@ class Journal:
                         if retry_later(exc):
                             break
                         logger.error(
-                            "%s: the server refused a kept %s write: %s", self.directory, entry.op, exc
+                            "%s: a kept %s write cannot be sent, set aside in %s: %s",
+                            self.directory,
+                            entry.op,
+                            REJECTED_FILE,
+                            exc,
                         )
                         self.reject(entry, f"{type(exc).__name__}: {exc}"[:2000])
                     done.append(entry)
@@ -175,6 +194,33 @@ class Journal:
             out.write(json.dumps({**entry.__dict__, "reason": reason}) + "\n")
             out.flush()
             os.fsync(out.fileno())
+
+    def rejected(self) -> list[dict[str, Any]]:
+        """The entries set aside, each with its reason, oldest first; torn lines skipped."""
+        path = self.directory / REJECTED_FILE
+        if not path.is_file():
+            return []
+        found = []
+        for line in path.read_text().splitlines():
+            try:
+                found.append(json.loads(line))
+            except ValueError:
+                continue
+        return found
+
+
+def refused_writes(directory: str | Path) -> dict[str, Any] | None:
+    """What a run's journal folder holds set aside (refused, or its files gone): {"writes": count,
+    "ops": {op: count}, "reason": the first reason, "kept_in": the file}; None when nothing is."""
+    journal = Journal(directory, "reader")
+    found = journal.rejected()
+    if not found:
+        return None
+    ops: dict[str, int] = {}
+    for entry in found:
+        ops[entry["op"]] = ops.get(entry["op"], 0) + 1
+    kept_in = str(journal.directory / REJECTED_FILE)
+    return {"writes": len(found), "ops": ops, "reason": found[0]["reason"][:300], "kept_in": kept_in}
 
 
 def default_journal_root() -> Path:
@@ -201,102 +247,6 @@ class Backoff:
 
     def succeeded(self) -> None:
         self.next_at, self.delay_s = 0.0, self.first_s
-
-
-# A journaled write makes a few quick attempts before it is kept for later.
-DIRECT_ATTEMPTS = 3
-
-
-class JournaledWrites:
-    """The write path of `tracker.Tracker`: a write is sent now (a few quick attempts) or, while the server
-    is unreachable, kept in the run's journal and sent later, in order and with backoff, by the next
-    writes or by `flush`. Subclasses send one write (`_apply`), tell an error worth retrying later
-    (`_retry_later`) and name the server (`_uri`); they set journal_root, writer and _backoff."""
-
-    journal_root: Path | None
-    writer: str
-    _backoff: Backoff
-
-    def _apply(self, run_id: str, op: str, args: dict[str, Any], journal: Journal | None = None) -> Any:
-        raise NotImplementedError
-
-    @staticmethod
-    def _retry_later(exc: BaseException) -> bool:
-        raise NotImplementedError
-
-    def _uri(self) -> str:
-        raise NotImplementedError
-
-    def journal(self, run_id: str) -> Journal | None:
-        """The journal of run_id's writes; None without a journal root."""
-        if self.journal_root is None:
-            return None
-        return Journal(self.journal_root / run_id, self.writer, run_id)
-
-    def pending(self, run_id: str) -> int:
-        """How many writes of run_id wait in its journal."""
-        journal = self.journal(run_id)
-        return journal.pending() if journal is not None else 0
-
-    def flush(self, run_id: str, wait_s: float = 0.0) -> int:
-        """Replay run_id's journal (every writer's entries, oldest first) when the backoff allows;
-        keep trying, backing off, for up to wait_s. Returns how many writes are still kept."""
-        journal = self.journal(run_id)
-        if journal is None:
-            return 0
-        deadline = time.monotonic() + wait_s
-        while True:
-            left = journal.pending()
-            if left and self._backoff.ready():
-                delivered, left = journal.deliver(
-                    lambda e: self._apply(e.run_id, e.op, e.args, journal), self._retry_later
-                )
-                if delivered:
-                    logger.info(
-                        "sent %d kept MLflow writes of run %s to %s; %d left",
-                        delivered,
-                        run_id,
-                        self._uri(),
-                        left,
-                    )
-                if left:
-                    self._backoff.failed()
-                else:
-                    self._backoff.succeeded()
-            if not left or time.monotonic() >= deadline:
-                return left
-            time.sleep(max(0.0, min(self._backoff.next_at, deadline) - time.monotonic()))
-
-    def _send_or_keep(self, run_id: str, op: str, args: dict[str, Any], files: tuple[str, ...] = ()) -> Any:
-        """Send one write of a run with a journal, or keep it there; returns what the write returned
-        (None: kept)."""
-        journal = self.journal(run_id)
-        assert journal is not None
-        if journal.pending():  # behind the writes already waiting, to keep their order
-            journal.append(op, args, tracking_uri=self._uri(), files=files)
-            self.flush(run_id)
-            return None
-        try:
-            return retry(
-                lambda: self._apply(run_id, op, args),
-                f"MLflow {op} of run {run_id}",
-                attempts=DIRECT_ATTEMPTS,
-                first_delay=0.5,
-                retryable=self._retry_later,
-            )
-        except Exception as exc:
-            if not self._retry_later(exc):
-                raise
-            journal.append(op, args, tracking_uri=self._uri(), files=files)
-            logger.warning(
-                "MLflow at %s is unreachable (%s); run %s's writes are kept in %s and sent when it is back",
-                self._uri(),
-                str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__,
-                run_id,
-                journal.directory,
-            )
-            self._backoff.failed()
-        return None
 
 
 def _entry_id(line: str) -> str | None:

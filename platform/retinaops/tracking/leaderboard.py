@@ -118,7 +118,8 @@ def write_leaderboard_csv(rows: Sequence[dict[str, Any]], path: Path) -> Path:
 
 
 def plot_pareto(rows: list[dict], path: Path) -> Path:
-    """AP against latency_ms of every trial, the Pareto front joined and marked."""
+    """AP against latency_ms of every trial, each named (its Tune trial id: the end of its run name) with
+    its AP interval as an error bar; the Pareto front joined and marked."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,12 +128,26 @@ def plot_pareto(rows: list[dict], path: Path) -> Path:
     points = [r for r in rows if r["AP"] is not None and r["latency_ms"] is not None]
     front = sorted((r for r in points if r["pareto"]), key=lambda r: r["latency_ms"])
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.scatter([r["latency_ms"] for r in points], [r["AP"] for r in points], c="tab:gray", label="trials")
+    for r in points:
+        lo, hi = r.get("AP_lo"), r.get("AP_hi")
+        if finite(lo) and finite(hi):  # the 95% interval: trials whose bars overlap are tied
+            ax.errorbar(
+                r["latency_ms"], r["AP"], yerr=[[r["AP"] - lo], [hi - r["AP"]]], c="tab:gray", capsize=3
+            )
+        ax.annotate(
+            r["name"].rsplit("-", 1)[-1],
+            (r["latency_ms"], r["AP"]),
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    ax.scatter(
+        [r["latency_ms"] for r in points], [r["AP"] for r in points], c="tab:gray", label="trials", zorder=3
+    )
     ax.plot(
         [r["latency_ms"] for r in front], [r["AP"] for r in front], "o-", c="tab:red", label="Pareto front"
     )
     ax.set_xlabel("latency_ms (lower is better)")
-    ax.set_ylabel("AP (higher is better)")
+    ax.set_ylabel("AP with 95% interval (higher is better)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

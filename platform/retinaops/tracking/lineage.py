@@ -20,6 +20,11 @@ def dataset_input(name: str, digest: str, source: str, context: str) -> Any:
     return DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])
 
 
-def source_tags(commit: str | None) -> dict[str, str]:
-    """MLflow's own source tags for a commit (none when it is unknown)."""
-    return {"mlflow.source.git.commit": commit, "mlflow.source.type": "JOB"} if commit else {}
+COMMIT_TAG = "mlflow.source.git.commit"
+
+
+def source_tags(commit: str | None, name: str = "retinaops") -> dict[str, str]:
+    """MLflow's own source tags: the program that made the run (the Source column) and its commit
+    (none when unknown)."""
+    tags = {"mlflow.source.name": name, "mlflow.source.type": "JOB"}
+    return tags | ({COMMIT_TAG: commit} if commit else {})

@@ -6,6 +6,11 @@ lineage (sweep, trial, spec hash, data fingerprint, commit, metrics) and the pre
 tags, so that `rollback` can move the alias back. Everything MLflow goes through `tracker.Tracker`.
 A rule ranking by AP does not replace a champion whose AP interval overlaps the candidate's: the data
 cannot tell them apart. The trials' table and the Pareto front are in `retinaops.tracking.leaderboard`.
+
+Two promotions at once: MLflow has no atomic compare-and-swap of an alias, so the move is checked on both
+sides (`_move_champion`): the alias is read again just before it is moved and, a moment after, once more;
+whenever another promotion moved it, the candidate is held to that champion again (and refused if it is
+not better), and `previous_champion` names the version it really replaced.
 """
 
 from __future__ import annotations
@@ -13,18 +18,27 @@ from __future__ import annotations
 import logging
 import operator
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from retinanet.ap_interval import interval_text, overlaps
+from retinaops.job.settings import redact
 from retinaops.tracking.leaderboard import Trial, finite, interval_of, model_metrics
-from retinaops.tracking.tracker import PARENT_TAG, Tracker
+from retinaops.tracking.lineage import COMMIT_TAG
+from retinaops.tracking.notes import version_note
+from retinaops.tracking.tracker import PARENT_TAG, Tracker, search_literal
 
 logger = logging.getLogger(__name__)
 
 CHAMPION = "champion"
+PREVIOUS_TAG = "previous_champion"  # on a version: the champion it replaced, where rollback goes
+# After moving the alias, how long to wait before reading it again: longer than another promotion's read
+# of the alias and its move (two requests), so that a move it based on what it read before ours is seen.
+SETTLE_S = 0.5
+CAS_ROUNDS = 5
 SWEEP_KIND_TAG = "retinaops.kind"  # "sweep" on a sweep's parent run
 TRIAL_PARAM_PREFIX = "trial."  # child-run params holding what Tune sampled, e.g. trial.model.focal_gamma
 LINEAGE_TAGS = ("sweep_run_id", "trial_run_id", "epoch", "spec_hash", "data_fingerprint", "git_commit")
@@ -137,12 +151,13 @@ def find_sweep(tracker: Tracker, experiment: str, sweep: str | None = None):
     """The parent run of a sweep: by run id or run name, else the latest sweep of the experiment."""
     exp = tracker.get_experiment_by_name(experiment)
     if exp is None:
-        raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment at {tracker.tracking_uri}")
+        where = redact(tracker.tracking_uri)
+        raise ValueError(f"--experiment {experiment!r}: no such MLflow experiment at {where}")
     query = f"tags.`{SWEEP_KIND_TAG}` = 'sweep'"
     if sweep is not None and re.fullmatch(r"[0-9a-f]{32}", sweep):
         return tracker.get_run(sweep)
     if sweep is not None:
-        query += f" and attributes.run_name = '{sweep}'"
+        query += f" and attributes.run_name = {search_literal(sweep, 'sweep name')}"
     found = tracker.search_runs(
         [exp.experiment_id], query, order_by=["attributes.start_time DESC"], max_results=1
     )
@@ -215,39 +230,81 @@ def _promote(tracker: Tracker, trial: Trial, rule: Rule, name: str, *, force: bo
     if current is not None:
         if current.tags.get("trial_run_id") == trial.run_id:
             logger.info("%s version %s already holds trial %s", name, current.version, trial.run_id)
-            return Promotion(name, current.version, trial, current.tags.get("previous_champion"))
-        ours, theirs = trial.ap_interval, interval_of(current.tags)
-        if not force and rule.metric in AP_RULE_METRICS and ours and theirs and overlaps(ours, theirs):
-            raise ValueError(
-                f"{name}: candidate trial {trial.name} AP {interval_text(trial.metrics['AP'], ours)} "
-                f"overlaps champion version {current.version} AP "
-                f"{interval_text(float(current.tags.get('AP', 'nan')), theirs)}: the data cannot tell "
-                "them apart; not promoted (--force promotes anyway)"
-            )
-        held = current.tags.get(rule.metric)
-        candidate = trial.metrics[rule.metric]
-        if not force and held is not None and rule.better(float(held), candidate):
-            raise ValueError(
-                f"{name}@{CHAMPION} (version {current.version}) has {rule.metric} {float(held):.4g}, "
-                f"better than {candidate:.4g} of trial {trial.name}: not promoted (--force promotes anyway)"
-            )
+            return Promotion(name, str(current.version), trial, current.tags.get(PREVIOUS_TAG))
+        _hold_to(current, trial, rule, name, force=force)
     parent_tags = sweep_run.data.tags if sweep_run is not None else {}
     tags = {
         "sweep_run_id": sweep_run.info.run_id if sweep_run is not None else "",
         "trial_run_id": trial.run_id,
         "spec_hash": trial.tags.get("spec_hash", ""),
         "data_fingerprint": trial.tags.get("data_fingerprint", parent_tags.get("data_fingerprint", "")),
-        "git_commit": trial.tags.get("git_commit", parent_tags.get("git_commit", "")),
+        "git_commit": trial.tags.get(COMMIT_TAG, parent_tags.get(COMMIT_TAG, "unknown")),
         "rule": str(rule),
         "epoch": trial.tags.get("model_epoch", ""),  # the best checkpoint's epoch the model comes from
         **{m: f"{trial.metrics[m]!r}" for m in METRIC_TAGS if finite(trial.metrics.get(m))},
     }
     if current is not None:
-        tags["previous_champion"] = current.version
-    version = tracker.register_model(trial.model_uri, name, tags)
-    tracker.set_alias(name, CHAMPION, version)
+        tags[PREVIOUS_TAG] = current.version
+    previous = current.version if current is not None else None
+    note = version_note(str(rule), trial, tags["sweep_run_id"], previous)
+    version = tracker.register_model(trial.model_uri, name, tags, description=note)
+    previous = _move_champion(tracker, name, version, trial, rule, current, force=force)
     logger.info("%s version %s is the champion (trial %s)", name, version, trial.run_id)
-    return Promotion(name, version, trial, current.version if current is not None else None)
+    return Promotion(name, version, trial, previous)
+
+
+def _hold_to(current, trial: Trial, rule: Rule, name: str, *, force: bool) -> None:
+    """ValueError, unless force, when the champion version `current` is better than the trial, or (a rule
+    by AP) its AP interval overlaps the trial's."""
+    if force:
+        return
+    ours, theirs = trial.ap_interval, interval_of(current.tags)
+    if rule.metric in AP_RULE_METRICS and ours and theirs and overlaps(ours, theirs):
+        raise ValueError(
+            f"{name}: candidate trial {trial.name} AP {interval_text(trial.metrics['AP'], ours)} "
+            f"overlaps champion version {current.version} AP "
+            f"{interval_text(float(current.tags.get('AP', 'nan')), theirs)}: the data cannot tell "
+            "them apart; not promoted (--force promotes anyway)"
+        )
+    held = current.tags.get(rule.metric)
+    candidate = trial.metrics[rule.metric]
+    if held is not None and rule.better(float(held), candidate):
+        raise ValueError(
+            f"{name}@{CHAMPION} (version {current.version}) has {rule.metric} {float(held):.4g}, "
+            f"better than {candidate:.4g} of trial {trial.name}: not promoted (--force promotes anyway)"
+        )
+
+
+def _move_champion(
+    tracker: Tracker, name: str, version: str, trial: Trial, rule: Rule, seen, *, force: bool
+) -> str | None:
+    """Move `champion` to version, which was held to `seen` (the champion then, or None), unless another
+    promotion moved it meanwhile to a version as good: read it again before the move, and a moment after.
+    Returns the champion version replaced; ValueError when the champion now in place is better."""
+    replaced = str(seen.version) if seen is not None else None
+    moved = False
+    for _ in range(CAS_ROUNDS):
+        now = tracker.model_version_by_alias(name, CHAMPION)
+        holder = str(now.version) if now is not None else None  # an int from some stores
+        if holder == version:  # ours, and still ours a moment after the move
+            return replaced
+        if holder != replaced:  # another promotion moved it since we read it
+            try:
+                _hold_to(now, trial, rule, name, force=force)
+            except ValueError as exc:
+                raise ValueError(
+                    f"{exc} (version {version} stays registered: another promotion won)"
+                ) from None
+            if not moved:  # a champion before ours, which ours replaces; after our move: a worse one
+                replaced = holder  # that read the alias before we moved it, and is taken back
+                tracker.set_model_version_tag(name, version, PREVIOUS_TAG, replaced)
+        tracker.set_alias(name, CHAMPION, version)
+        moved = True
+        time.sleep(SETTLE_S)
+    raise ValueError(
+        f"{name}@{CHAMPION}: moved by other promotions {CAS_ROUNDS} times while version {version} "
+        "was being promoted; not promoted (try again)"
+    )
 
 
 def rollback(tracker: Tracker, name: str) -> tuple[str, str]:
@@ -255,11 +312,11 @@ def rollback(tracker: Tracker, name: str) -> tuple[str, str]:
     current = tracker.model_version_by_alias(name, CHAMPION)
     if current is None:
         raise ValueError(f"{name}: no version holds the {CHAMPION!r} alias")
-    previous = current.tags.get("previous_champion")
+    previous = current.tags.get(PREVIOUS_TAG)
     if not previous:
         raise ValueError(f"{name}@{CHAMPION} (version {current.version}) replaced no earlier champion")
     tracker.set_alias(name, CHAMPION, previous)
-    return current.version, previous
+    return str(current.version), previous
 
 
 def model_versions(tracker: Tracker, name: str) -> list[dict[str, Any]]:
@@ -275,7 +332,7 @@ def model_versions(tracker: Tracker, name: str) -> list[dict[str, Any]]:
             "version": v.version,
             "aliases": sorted(by_version.get(str(v.version), [])),
             **{m: _float_or_none(v.tags.get(m)) for m in METRIC_TAGS},
-            "previous_champion": v.tags.get("previous_champion"),
+            "previous_champion": v.tags.get(PREVIOUS_TAG),
             **{k: v.tags.get(k) for k in LINEAGE_TAGS},
             "source": v.source,
         }

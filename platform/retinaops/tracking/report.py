@@ -1,7 +1,10 @@
-"""Pictures for a run: the precision/recall curve and sample validation images with detections."""
+"""What a run shows of its best checkpoint: the precision/recall curve, per-class AP as a table and one
+picture of detections on validation images. `log_evaluation` logs them, for training runs and trials alike.
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ def plot_pr_curve(evaluation: dict[str, Any], out: Path) -> Path:
 
 
 def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[Path]:
-    """The first `count` validation images with the model's detections drawn on them."""
+    """The first `count` validation images with the model's detections drawn on them, one file each."""
     import torch
 
     from retinanet import RetinaNet
@@ -49,7 +52,7 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
     dataset = CocoDataset(
         materialize(data.val_annotations, cache, endpoint),
         materialize(data.val_images, cache, endpoint),
-        check_images=False,
+        source=data.val_annotations,
     )
     model = RetinaNet.load(model_file).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -62,3 +65,62 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
             draw_detections(image, detections, job.data.class_names).save(path)
             written.append(path)
     return written
+
+
+def tile(images: list[Path], out: Path, side: int = 256, columns: int = 2) -> Path:
+    """The images side by side in one picture, each shrunk to fit side x side pixels (never enlarged):
+    small enough to keep with every trial (~150 kB for four of the shapes set's noisy 128 px images)."""
+    from PIL import Image
+
+    opened = [Image.open(path) for path in images]
+    cell = min(side, max(max(image.size) for image in opened))
+    rows = -(-len(opened) // columns)
+    sheet = Image.new("RGB", (columns * cell, rows * cell), "white")
+    for i, image in enumerate(opened):
+        image.thumbnail((cell, cell))
+        sheet.paste(image.convert("RGB"), ((i % columns) * cell, (i // columns) * cell))
+        image.close()
+    sheet.save(out, optimize=True)
+    return out
+
+
+def per_class_table(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Per-class AP (`AP_class/<name>` metrics) as MLflow's table format (mlflow.log_table's JSON:
+    pandas' orient="split"), shown as a table in the run's artifact view."""
+    from retinanet.evaluate import CLASS_PREFIX
+
+    rows = [
+        [k.removeprefix(CLASS_PREFIX), round(v, 4)] for k, v in metrics.items() if k.startswith(CLASS_PREFIX)
+    ]
+    return {"columns": ["class", "AP"], "data": rows}
+
+
+TABLE = "plots/per_class_ap.json"
+LOGGED_ARTIFACTS_TAG = "mlflow.loggedArtifacts"  # what mlflow.log_table sets: the UI lists the run's tables
+
+
+def log_evaluation(
+    tracker, run_id: str, job, eval_file: Path, model_file: Path, *, samples: bool = False
+) -> None:
+    """Log a checkpoint's evaluation (its eval.json and model.pt) to the run: plots/pr_curve.png,
+    plots/per_class_ap.json (a table), plots/detections.png (the first 4 validation images); with
+    `samples`, each drawn image at full size too, under samples/. `tracker` is a tracking.tracker.Tracker."""
+    import tempfile
+
+    evaluation = json.loads(Path(eval_file).read_text())
+    with tempfile.TemporaryDirectory() as tmp:
+        plots = Path(tmp, "plots")
+        plots.mkdir()
+        if evaluation.get("pr_curve"):
+            plot_pr_curve(evaluation, plots / "pr_curve.png")
+        table = per_class_table(evaluation.get("metrics") or {})
+        if table["data"]:
+            Path(tmp, TABLE).write_text(json.dumps(table))
+        drawn = draw_samples(Path(model_file), job, Path(tmp, "samples"))
+        if drawn:
+            tile(drawn, plots / "detections.png")
+        tracker.log_artifact(run_id, plots, "plots")
+        if table["data"]:
+            tracker.set_tags(run_id, {LOGGED_ARTIFACTS_TAG: json.dumps([{"path": TABLE, "type": "table"}])})
+        if samples and drawn:
+            tracker.log_artifact(run_id, Path(tmp, "samples"), "samples")
