@@ -7,12 +7,8 @@ Targets follow torchvision: `boxes` xyxy in pixels of the original image, `label
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-from collections import Counter
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -20,245 +16,23 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from retinanet.data.images import FILE_REASONS, image_file_error, read_image
+from retinanet.data.images import MAX_IMAGE_PIXELS, read_image
+from retinanet.data.validate import Problem, ValidationReport, Validator, read_json
 from retinanet.layout import split_file
+
+__all__ = ["CocoDataset", "Problem", "ValidationReport", "load_coco", "read_image"]
 
 logger = logging.getLogger(__name__)
 
-MAX_LISTED_PROBLEMS = 20
-TINY_BOX = "w or h < 1 pixel after clipping"
-IMAGE_DROPPED = "its image was dropped"
-CATEGORY_DROPPED = "its category was dropped"
-
-
-@dataclass
-class Problem:
-    """One defect of a COCO file, located by file, image and/or annotation id, and field."""
-
-    file: str
-    field: str
-    message: str
-    image_id: int | None = None
-    annotation_id: int | None = None
-
-    def __str__(self) -> str:
-        image = f"image {self.image_id}" if self.image_id is not None else ""
-        if self.annotation_id is not None:
-            image = f"annotation {self.annotation_id}" + (f" ({image})" if image else "")
-        return f"{self.file}: {image + ': ' if image else ''}{self.field}: {self.message}"
-
-
-@dataclass
-class ValidationReport:
-    """What load_coco found: every problem, what was kept, and what was dropped, counted by reason."""
-
-    file: str
-    problems: list[Problem] = field(default_factory=list)
-    num_images: int = 0  # kept
-    num_annotations: int = 0  # kept
-    num_clipped: int = 0  # kept boxes that stuck out of their image and were clipped to it
-    dropped_images: Counter[str] = field(default_factory=Counter)
-    dropped_annotations: Counter[str] = field(default_factory=Counter)
-    dropped_categories: Counter[str] = field(default_factory=Counter)
-
-    @property
-    def ok(self) -> bool:
-        return not self.problems
-
-    @property
-    def num_unreadable_images(self) -> int:
-        """Images dropped because their file is missing, unreadable or of another size than recorded."""
-        return sum(self.dropped_images[reason] for reason in FILE_REASONS)
-
-    @property
-    def num_dropped(self) -> int:
-        counters = (self.dropped_images, self.dropped_annotations, self.dropped_categories)
-        return sum(sum(c.values()) for c in counters)
-
-    def summary(self) -> str:
-        lines = [
-            f"{self.file}: {len(self.problems)} problem(s); kept {self.num_images} images and "
-            f"{self.num_annotations} annotations ({self.num_clipped} boxes clipped to their image)"
-        ]
-        for what in ("images", "annotations", "categories"):
-            if counter := getattr(self, f"dropped_{what}"):
-                counts = ", ".join(f"{n} {reason}" for reason, n in sorted(counter.items()))
-                lines.append(f"dropped {sum(counter.values())} {what}: {counts}")
-        lines += [f"  {p}" for p in self.problems[:MAX_LISTED_PROBLEMS]]
-        if len(self.problems) > MAX_LISTED_PROBLEMS:
-            lines.append(f"  ... and {len(self.problems) - MAX_LISTED_PROBLEMS} more problem(s)")
-        return "\n".join(lines)
-
-    def raise_if_problems(self) -> None:
-        if self.problems:
-            raise ValueError(self.summary())
-
-
-_NO_SIZE = {"width": None, "height": None}  # an annotation whose image is unknown: no size to check
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def _read_json(path: Path, name: str) -> dict[str, Any]:
-    """The parsed top-level object; structural defects (nothing usable to load) always raise."""
-    if not path.is_file():
-        raise ValueError(f"{name}: file not found (expected a COCO annotation JSON file)")
-    try:
-        data = json.loads(path.read_bytes())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{name}: not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from e
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{name}: not valid JSON: not UTF-8 text ({e.reason} at byte {e.start})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{name}: expected a JSON object at the top level, got {type(data).__name__}")
-    errors = []
-    for key in ("images", "annotations", "categories"):
-        if key not in data:
-            errors.append(str(Problem(name, key, "missing (a COCO file needs all three lists)")))
-        elif not isinstance(data[key], list):
-            errors.append(str(Problem(name, key, f"expected a list, got {type(data[key]).__name__}")))
-    if errors:
-        raise ValueError("\n".join(errors))
-    return data
-
-
-class _Validator:
-    """Checks categories, then images, then image files, then annotations, filling one report."""
-
-    def __init__(self, report: ValidationReport) -> None:
-        self.report = report
-        self.image_ids: set[int] = set()  # every well-formed id, kept or dropped
-        self.category_ids: set[int] = set()
-        self.images: dict[int, dict] = {}  # kept
-        self.categories: dict[int, dict] = {}  # kept
-
-    def problem(self, field: str, message: str, image_id: Any = None, annotation_id: Any = None) -> None:
-        self.report.problems.append(Problem(self.report.file, field, message, image_id, annotation_id))
-
-    def records(self, records: list[Any], what: str, dropped: Counter[str]) -> Iterator[tuple[int, dict]]:
-        """(id, record) of each object with a unique integer id; the others are reported and counted."""
-        first: dict[int, int] = {}  # id -> position of its first record
-        for pos, rec in enumerate(records):
-            rid = rec.get("id") if isinstance(rec, dict) else None
-            if not _is_int(rid):
-                got = f"id {rid!r}" if isinstance(rec, dict) else repr(rec)
-                self.problem(f"{what}[{pos}].id", f"expected an object with an integer id, got {got}")
-                dropped["id not an integer"] += 1
-            elif rid in first:
-                msg = f"duplicate id {rid} (first at {what}[{first[rid]}]); this one is dropped"
-                self.problem(f"{what}[{pos}].id", msg)
-                dropped["duplicate id"] += 1
-            else:
-                first[rid] = pos
-                yield rid, rec
-
-    def check_categories(self, records: list[Any]) -> None:
-        for cid, cat in self.records(records, "categories", self.report.dropped_categories):
-            self.category_ids.add(cid)
-            if isinstance(cat.get("name"), str):
-                self.categories[cid] = cat
-            else:
-                self.problem(f"category {cid}: name", f"expected a string, got {cat.get('name')!r}")
-                self.report.dropped_categories["name not a string"] += 1
-
-    def check_images(self, records: list[Any]) -> None:
-        for iid, img in self.records(records, "images", self.report.dropped_images):
-            self.image_ids.add(iid)
-            errors = []
-            if not isinstance(img.get("file_name"), str) or not img["file_name"]:
-                errors.append(("file_name", f"expected a non-empty string, got {img.get('file_name')!r}"))
-            for key in ("width", "height"):
-                if not _is_int(img.get(key)) or img[key] <= 0:
-                    errors.append((key, f"expected a positive integer, got {img.get(key)!r}"))
-            for key, msg in errors:
-                self.problem(key, msg, image_id=iid)
-            if errors:
-                self.report.dropped_images[f"bad {errors[0][0]}"] += 1
-            else:
-                self.images[iid] = img
-
-    def check_image_files(self, images_dir: Path) -> None:
-        for iid, img in list(self.images.items()):
-            error = image_file_error(images_dir / img["file_name"], img["width"], img["height"])
-            if error is not None:
-                self.problem("file_name", error[1], image_id=iid)
-                self.report.dropped_images[error[0]] += 1
-                del self.images[iid]
-
-    def check_annotations(self, records: list[Any]) -> list[dict]:
-        kept = []
-        for aid, ann in self.records(records, "annotations", self.report.dropped_annotations):
-            errors, silent_reason, xywh = self.annotation_errors(ann)
-            for _, key, msg in errors:
-                iid = ann.get("image_id")
-                self.problem(key, msg, image_id=iid if _is_int(iid) else None, annotation_id=aid)
-            if errors or silent_reason is not None:
-                self.report.dropped_annotations[errors[0][0] if errors else silent_reason] += 1
-                continue
-            self.report.num_clipped += xywh != [float(v) for v in ann["bbox"]]
-            area = ann.get("area", xywh[2] * xywh[3])
-            kept.append({**ann, "bbox": xywh, "area": area, "iscrowd": ann.get("iscrowd", 0)})
-        return kept
-
-    def annotation_errors(self, ann: dict) -> tuple[list[tuple[str, str, str]], str | None, Any]:
-        """(problems as (reason, field, message), reason to drop without a problem, clipped xywh)."""
-        errors: list[tuple[str, str, str]] = []
-        silent_reasons = []
-        for key, ids, kept, dropped_reason in (
-            ("image_id", self.image_ids, self.images, IMAGE_DROPPED),
-            ("category_id", self.category_ids, self.categories, CATEGORY_DROPPED),
-        ):
-            value = ann.get(key)
-            if not _is_int(value):
-                errors.append((f"bad {key}", key, f"expected an integer, got {value!r}"))
-            elif value not in ids:
-                errors.append((f"unknown {key}", key, f"no {key.split('_')[0]} has id {value}"))
-            elif value not in kept:
-                silent_reasons.append(dropped_reason)
-        image_id = ann.get("image_id")  # may be any JSON value: only an integer is looked up
-        img = self.images.get(image_id, _NO_SIZE) if _is_int(image_id) else _NO_SIZE
-        reason, msg, xywh = _check_bbox(ann.get("bbox"), img["width"], img["height"])
-        if msg is not None:
-            errors.append((reason, "bbox", msg))
-        elif reason is not None:
-            silent_reasons.append(reason)
-        crowd = ann.get("iscrowd", 0)
-        if not _is_int(crowd) or crowd not in (0, 1):
-            errors.append(("bad iscrowd", "iscrowd", f"expected 0 or 1, got {crowd!r}"))
-        if "area" in ann and (not _is_number(ann["area"]) or ann["area"] < 0):
-            errors.append(("bad area", "area", f"expected a finite number >= 0, got {ann['area']!r}"))
-        return errors, (silent_reasons[0] if silent_reasons else None), xywh
-
-
-def _check_bbox(bbox: Any, width: int | None, height: int | None) -> tuple[str | None, str | None, Any]:
-    """(reason, message, clipped xywh): a problem has a message, a box under 1 pixel only a reason.
-
-    Without the image's size (its record is bad) only the numbers themselves are checked.
-    """
-    if not isinstance(bbox, (list, tuple)) or len(bbox) != 4 or not all(_is_number(v) for v in bbox):
-        return "bad bbox", f"expected a list of 4 finite numbers [x, y, w, h], got {bbox!r}", None
-    x, y, w, h = (float(v) for v in bbox)
-    if w <= 0 or h <= 0:
-        return "bbox w or h <= 0", f"w and h must be > 0, got {list(bbox)!r}", None
-    if width is None or height is None:
-        return None, None, None
-    x1, y1, x2, y2 = max(x, 0.0), max(y, 0.0), min(x + w, float(width)), min(y + h, float(height))
-    if x1 >= x2 or y1 >= y2:
-        msg = f"[x, y, w, h] = {list(bbox)!r} lies entirely outside the {width}x{height} (WxH) image"
-        return "bbox outside the image", msg, None
-    inside = (x1, y1, x2, y2) == (x, y, x + w, y + h)  # as given when inside: (x + w) - x != w in floats
-    xywh = [x, y, w, h] if inside else [x1, y1, x2 - x1, y2 - y1]
-    return (TINY_BOX if xywh[2] < 1 or xywh[3] < 1 else None), None, xywh
-
 
 def load_coco(
-    annotations_path: str | Path, images_dir: str | Path, *, strict: bool = False, check_images: bool = True
+    annotations_path: str | Path,
+    images_dir: str | Path,
+    *,
+    strict: bool = False,
+    check_images: bool = True,
+    max_image_pixels: int = MAX_IMAGE_PIXELS,
+    drop_image_ids: Collection[int] = (),
 ) -> tuple[dict[str, Any], ValidationReport]:
     """Validate a COCO detection file; return the cleaned COCO dict and the report.
 
@@ -266,15 +40,22 @@ def load_coco(
     annotation has `area` and `iscrowd` (filled when missing) and its bbox clipped to the image, so it can
     serve as pycocotools ground truth. With strict, any problem raises ValueError listing them; otherwise
     bad records are dropped, counted and logged as a warning. A file left with no images always raises.
-    check_images opens each image file to verify its header and size.
+    A file_name that leaves images_dir (absolute, or `..` out of it) is always a problem. check_images
+    decodes every image file in full (images.py: orientation, size, max_image_pixels). drop_image_ids are
+    dropped as they are, unchecked (those a check of the files found bad before).
     """
+    if not 0 < max_image_pixels <= MAX_IMAGE_PIXELS:
+        raise ValueError(f"max_image_pixels: expected 1 to {MAX_IMAGE_PIXELS}, got {max_image_pixels}")
     report = ValidationReport(file=str(annotations_path))
-    data = _read_json(Path(annotations_path), report.file)
-    checks = _Validator(report)
+    data = read_json(Path(annotations_path), report.file)
+    checks = Validator(report)
     checks.check_categories(data["categories"])
     checks.check_images(data["images"])
+    for iid in drop_image_ids:
+        if checks.images.pop(iid, None) is not None:
+            report.dropped_images["dropped as asked"] += 1
     if check_images:
-        checks.check_image_files(Path(images_dir))
+        checks.check_image_files(Path(images_dir), max_image_pixels)
     annotations = checks.check_annotations(data["annotations"])
     report.num_images, report.num_annotations = len(checks.images), len(annotations)
     if strict:
@@ -301,7 +82,9 @@ class CocoDataset(torch.utils.data.Dataset):
     image: float32 (3, H, W) RGB in [0, 1]. target: `boxes` float32 (M, 4) xyxy pixels clipped to the image,
     `labels` int64 (M,) in [0, num_classes), `iscrowd` bool (M,), `image_id` int (the COCO id).
     Layout: `CocoDataset("annotations/instances_val2017.json", "val2017")`, or `from_dir` below.
-    `transform(image, target) -> (image, target)` runs last. `coco` is the cleaned dict of load_coco.
+    `transform(image, target) -> (image, target)` runs last. `coco` is the cleaned dict of load_coco,
+    `report` its ValidationReport (None with `from_coco`). Images are decoded as images.py says: EXIF
+    orientation applied to fit the recorded size, over max_image_pixels refused.
     """
 
     def __init__(
@@ -312,11 +95,23 @@ class CocoDataset(torch.utils.data.Dataset):
         strict: bool = False,
         transform: Callable[[Tensor, dict], tuple[Tensor, dict]] | None = None,
         check_images: bool = True,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        coco: dict[str, Any] | None = None,
     ) -> None:
         self.annotations_path = Path(annotations)
         self.images_dir = Path(images)
         self.transform = transform
-        self.coco, self.report = load_coco(annotations, images, strict=strict, check_images=check_images)
+        self.max_image_pixels = max_image_pixels
+        self.report: ValidationReport | None = None  # None: built from a cleaned dict (from_coco)
+        if coco is None:
+            coco, self.report = load_coco(
+                annotations,
+                images,
+                strict=strict,
+                check_images=check_images,
+                max_image_pixels=max_image_pixels,
+            )
+        self.coco = coco
         categories = sorted(self.coco["categories"], key=lambda c: c["id"])
         self.category_ids: list[int] = [c["id"] for c in categories]
         self.class_names: list[str] = [c["name"] for c in categories]
@@ -338,6 +133,14 @@ class CocoDataset(torch.utils.data.Dataset):
         self._offsets = np.cumsum([0] + [len(by_image[iid]) for iid in self.image_ids])  # (N + 1,)
 
     @classmethod
+    def from_coco(
+        cls, coco: dict[str, Any], images: str | Path, *, source: str | Path, **kwargs: Any
+    ) -> CocoDataset:
+        """The dataset of a dict load_coco already cleaned (validated elsewhere, once): nothing is checked
+        again. source names the annotation file it came from, in messages."""
+        return cls(source, images, coco=coco, **kwargs)
+
+    @classmethod
     def from_dir(cls, root: str | Path, split: str = "train", **kwargs: Any) -> CocoDataset:
         """`split_file(root, split)` with file_names relative to root (as make_synthetic_coco writes)."""
         return cls(split_file(root, split), root, **kwargs)
@@ -352,11 +155,14 @@ class CocoDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Any]]:
         image_id = self.image_ids[index]
-        image = read_image(self._files[index], image_id=image_id)  # (3, H, W)
+        (h, w), path = self._sizes[index], self._files[index]
+        image = read_image(
+            path, image_id=image_id, size=(w, h), max_pixels=self.max_image_pixels
+        )  # (3, H, W)
         if tuple(image.shape[-2:]) != self._sizes[index]:
-            (h, w), (got_h, got_w) = self._sizes[index], image.shape[-2:]
+            got_h, got_w = image.shape[-2:]
             raise ValueError(
-                f"{self._files[index]} (image {image_id}): recorded width x height {w}x{h} in "
+                f"{path} (image {image_id}): recorded width x height {w}x{h} in "
                 f"{self.annotations_path} differs from the decoded {got_w}x{got_h}"
             )
         lo, hi = int(self._offsets[index]), int(self._offsets[index + 1])

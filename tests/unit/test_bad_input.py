@@ -5,6 +5,7 @@ listed in docs/RELIABILITY.md; these are the ones that had none, and the naming 
 
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -198,8 +199,31 @@ def test_an_image_claiming_a_huge_size_is_dropped_by_name_before_anything_decode
     coco, report = load_coco(path, tmp_path)
     assert [im["id"] for im in coco["images"]] == [1]
     (problem,) = [str(p) for p in report.problems]
-    assert problem.startswith(f"{path}: image 2: file_name: image file unreadable: {tmp_path / 'bomb.png'}")
-    assert "DecompressionBombError" in problem
+    assert problem.startswith(f"{path}: image 2: file_name: image too large: {tmp_path / 'bomb.png'}")
+    assert "DecompressionBombError" in problem and "data.max_image_pixels=178956970" in problem
+    assert report.dropped_images == {"image over max_image_pixels": 1}
+
+
+def test_an_image_between_pil_warning_and_the_cap_is_decided_by_the_cap_and_no_warning_passes(tmp_path):
+    # 10000 x 10000 = 1e8 pixels: over PIL's warning threshold (89.5 Mpx), under its error (179 Mpx)
+    images = [img(1), {"id": 2, "file_name": "big.png", "width": 10000, "height": 10000}]
+    path = write(tmp_path, images, [], without="big.png")
+    png_header_only(tmp_path / "big.png", 10000, 10000)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a DecompressionBombWarning would fail the test
+        capped = load_coco(path, tmp_path, max_image_pixels=50_000_000)[1]
+        allowed = load_coco(path, tmp_path)[1]  # the default cap lets it be decoded: it has no pixels
+    (problem,) = [str(p) for p in capped.problems]
+    assert "image too large" in problem and "over the cap of 50000000 (data.max_image_pixels)" in problem
+    (problem,) = [str(p) for p in allowed.problems]
+    assert "image file unreadable" in problem  # decoded, and found to hold no pixel data
+
+
+def test_a_max_image_pixels_over_pils_own_limit_is_refused_at_its_key():
+    with pytest.raises(
+        SpecError, match=r"job.yaml: data.max_image_pixels: must be <= 178956970, got 200000000"
+    ):
+        JobSpec.from_dict({"data": {"root": "d", "max_image_pixels": 200_000_000}}, "job.yaml")
 
 
 def test_an_image_far_larger_than_the_others_is_resized_like_them_and_its_boxes_follow(tmp_path):

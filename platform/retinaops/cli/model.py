@@ -192,17 +192,27 @@ def cmd_data_synth(args: argparse.Namespace) -> int:
 def add_data_check_args(parser: argparse.ArgumentParser) -> None:
     _add_dataset_args(parser)
     parser.add_argument("--strict", action="store_true", help="exit 1 if any problem is found")
+    parser.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=178_956_970,
+        metavar="N",
+        help="refuse images over N pixels unread, as data.max_image_pixels (default and most: 178956970)",
+    )
 
 
 def cmd_data_check(args: argparse.Namespace) -> int:
     from retinanet.data.coco import load_coco
+    from retinanet.data.images import MAX_IMAGE_PIXELS
 
+    if not 0 < args.max_image_pixels <= MAX_IMAGE_PIXELS:
+        raise ValueError(f"--max-image-pixels: expected 1 to {MAX_IMAGE_PIXELS}, got {args.max_image_pixels}")
     annotations, images = _dataset_files(args)
     coco_logger = logging.getLogger("retinanet.data.coco")
     level = coco_logger.level
     coco_logger.setLevel(logging.ERROR)  # the report printed below is the output; its warning would repeat it
     try:
-        _, report = load_coco(annotations, images, strict=False)
+        _, report = load_coco(annotations, images, strict=False, max_image_pixels=args.max_image_pixels)
     finally:
         coco_logger.setLevel(level)
     print(report.summary())

@@ -3,6 +3,10 @@ loaded and validated as COCO, the same categories in both, and a fingerprint of 
 
     splits, summary = resolve_data(spec, cache_dir, endpoint)   # SpecError names each problem
     splits.train_annotations, splits.fingerprint, splits.class_names
+    read_validated(splits.train_validated)                       # in a worker: the driver's cleaned split
+
+Validated once, here: each split's cleaned COCO dict is written to the data cache under its digest and
+the Job carries the path; workers build their datasets from it and check nothing again.
 
 A data.root folder holds each split as `retinanet.layout.split_file(root, split)`; `DataSpec.split` (spec.py) says where a split is.
 """
@@ -10,7 +14,9 @@ A data.root folder holds each split as `retinanet.layout.split_file(root, split)
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +28,7 @@ from retinaops.storage import is_s3, materialize
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "val")
+MAX_LISTED_DROPPED = 100  # the Job travels to every worker: name the first ones, count them all
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,6 +43,19 @@ class DataSplits:
     """16 hex digits over the annotation files and the image lists: two runs on the same data share it."""
     class_names: tuple[str, ...]
     """Category names in category-id order: the model's class i is class_names[i]."""
+    train_validated: str = ""
+    """The driver's cleaned train split (`write_validated`): what every worker trains on, unchecked."""
+    val_validated: str = ""
+    """The same for val."""
+    dropped: tuple[str, ...] = ()
+    """Images the driver dropped for their file_name or file (missing, unreadable, another size, too large,
+    outside the image folder), one message each naming the file, image id and field; the first
+    MAX_LISTED_DROPPED of them."""
+    num_dropped: int = 0
+    """How many images were dropped for their file_name or file, in both splits."""
+    train_dropped_ids: tuple[int, ...] = ()
+    """Ids of those images in train: with the annotation file they give the description again (`validated_coco`)."""
+    val_dropped_ids: tuple[int, ...] = ()
 
     @property
     def num_classes(self) -> int:
@@ -46,11 +66,13 @@ class DataSplits:
         return {f"{s}_{k}": getattr(self, f"{s}_{k}") for s in SPLITS for k in ("annotations", "images")}
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "class_names": list(self.class_names)}
+        return json.loads(json.dumps(asdict(self)))  # tuples as lists
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataSplits:
-        return cls(**{**data, "class_names": tuple(data["class_names"])})
+        listed = ("class_names", "dropped", "train_dropped_ids", "val_dropped_ids")
+        tuples = {k: tuple(data[k]) for k in listed if k in data}
+        return cls(**{**data, **tuples})
 
 
 def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> tuple[DataSplits, dict]:
@@ -64,12 +86,15 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
         found |= {f"{split}_annotations": where.annotations, f"{split}_images": where.images}
     located = {k: v if is_s3(v) else str(Path(v).expanduser().resolve()) for k, v in found.items()}
     local = {k: materialize(v, cache_dir, endpoint) for k, v in located.items()}
-    summary, cocos = {}, []
+    summary, cocos, validated, dropped = {}, [], {}, []
     for split in SPLITS:
         from retinanet.data import load_coco
 
         coco, report = load_coco(
-            local[f"{split}_annotations"], local[f"{split}_images"], strict=spec.data.strict
+            local[f"{split}_annotations"],
+            local[f"{split}_images"],
+            strict=spec.data.strict,
+            max_image_pixels=spec.data.max_image_pixels,
         )
         if not coco["images"]:
             problem = f"data.{split}: {local[f'{split}_annotations']} has no usable images"
@@ -78,8 +103,13 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
             "images": len(coco["images"]),
             "annotations": len(coco["annotations"]),
             "dropped": report.num_dropped,
+            "dropped_files": report.num_unreadable_images,
         }
         cocos.append(coco)
+        validated[f"{split}_validated"] = str(write_validated(coco, cache_dir, split))
+        file_problems = [p for p in report.problems if p.field == "file_name"]
+        dropped += [str(p) for p in file_problems]
+        validated[f"{split}_dropped_ids"] = tuple(p.image_id for p in file_problems)
     train_cats, val_cats = (sorted(c["id"] for c in coco["categories"]) for coco in cocos)
     if train_cats != val_cats:
         problem = f"data: train and val name different categories ({train_cats} vs {val_cats})"
@@ -90,8 +120,56 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
         **located,
         fingerprint=fingerprint_data(cocos, annotations),
         class_names=tuple(names[i] for i in train_cats),
+        dropped=tuple(dropped[:MAX_LISTED_DROPPED]),
+        num_dropped=len(dropped),
+        **validated,
     )
     return splits, summary
+
+
+def write_validated(coco: dict[str, Any], cache_dir: str | Path, split: str) -> Path:
+    """The cleaned COCO dict as `{cache_dir}/validated/{split}-{sha256[:16]}.json`, written once
+    (atomically; the same content gives the same name): the one description workers read."""
+    body = json.dumps(coco, separators=(",", ":")).encode()
+    path = Path(cache_dir) / "validated" / f"{split}-{hashlib.sha256(body).hexdigest()[:16]}.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(f"{path.name}.{os.getpid()}.part")
+        part.write_bytes(body)
+        part.replace(path)
+    return path
+
+
+def read_validated(path: str | Path) -> dict[str, Any]:
+    """The cleaned COCO dict `write_validated` wrote, its content checked against the digest in its name."""
+    path = Path(path)
+    body = path.read_bytes()
+    _check_digest(body, path, "changed since the driver wrote it")
+    return json.loads(body)
+
+
+def validated_coco(
+    data: DataSplits, split: str, cache_dir: str | Path, endpoint: str | None
+) -> dict[str, Any]:
+    """The driver's cleaned description of a split, as a worker gets it: the file where this node sees the
+    driver's data cache; elsewhere (a cluster whose nodes have their own) the same description made again
+    from the annotation file and the ids the driver dropped, without opening an image, and proven the
+    same by its digest."""
+    path = Path(getattr(data, f"{split}_validated"))
+    if path.is_file():
+        return read_validated(path)
+    from retinanet.data import load_coco
+
+    annotations = materialize(getattr(data, f"{split}_annotations"), cache_dir, endpoint)
+    drop = getattr(data, f"{split}_dropped_ids")
+    coco, _ = load_coco(annotations, "", check_images=False, drop_image_ids=drop)
+    _check_digest(json.dumps(coco, separators=(",", ":")).encode(), path, f"{annotations} changed since")
+    return coco
+
+
+def _check_digest(body: bytes, path: Path, why: str) -> None:
+    if hashlib.sha256(body).hexdigest()[:16] != path.stem.rsplit("-", 1)[-1]:
+        raise ValueError(f"{path}: content does not match the digest in its name ({why})")
 
 
 def fingerprint_data(coco_dicts: list[dict], annotation_files: list[Path]) -> str:

@@ -122,6 +122,7 @@ class Job:
         flat |= {
             "data.fingerprint": self.data.fingerprint,
             "data.class_names": list(self.data.class_names),
+            "data.dropped_images": self.data.num_dropped,
             "storage.resolved": redact(self.where.storage_path),
             "derived.global_batch_size": self.spec.global_batch_size,
             "derived.effective_lr": self.spec.effective_lr,

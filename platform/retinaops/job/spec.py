@@ -87,6 +87,17 @@ class DataSpec(Section):
     hflip: float = Field(0.5, ge=0, le=1, description="Probability of flipping a training image.")
     augment: AugmentSpec = Field(AugmentSpec(), description="Train-split augmentation; off unless given.")
     loader_workers: int = Field(2, ge=0, description="DataLoader processes per training worker.")
+    max_image_pixels: int = Field(
+        178_956_970,
+        ge=1,
+        le=178_956_970,
+        description="Images over this many pixels are refused unread (decompression bombs); at most PIL's own limit.",
+    )
+    max_bad_samples: int = Field(
+        10,
+        ge=0,
+        description="Training samples skipped because their file no longer decodes before the run stops.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:

@@ -25,11 +25,14 @@ from torch.utils.data import DataLoader
 
 from retinanet import RetinaNet
 from retinanet.data import CocoDataset, collate
+from retinanet.data.skip import SkipBadSamples
 from retinanet.evaluate import measure_latency
 from retinaops.job.augment import build_augment
+from retinaops.job.data import SPLITS, validated_coco
 from retinaops.job.init_weights import load_init_weights
 from retinaops.job.resolved import Job
 from retinaops.job.spec import JobSpec
+from retinaops.run.bad_samples import BadSamples
 from retinaops.run.evaluation import as_served, distributed, evaluate_distributed, pr_curve
 from retinaops.run.progress import ProgressPoster
 from retinaops.run.state import (
@@ -125,18 +128,25 @@ def _amp_settings(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | No
 
 
 def load_datasets(job: Job, rank: int = 0):
-    """Train and val datasets of the job's splits (local, or s3:// copied into the data cache).
-
-    Only train is augmented; its transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
-    where = job.where
-    local = {
-        k: str(materialize(v, where.data_cache, where.storage_endpoint))
-        for k, v in job.data.locations().items()
-    }
-    d = job.spec.data
-    aug = build_augment(d.augment, hflip=d.hflip, max_size=job.model.max_size, seed=job.train.seed, rank=rank)
-    train = CocoDataset(local["train_annotations"], local["train_images"], transform=aug, check_images=False)
-    val = CocoDataset(local["val_annotations"], local["val_images"], check_images=False)
+    """Train and val datasets from the driver's validated description of each split (job.data's
+    *_validated files, `validated_coco`: nothing is checked again), images local (s3:// copied into the data
+    cache). Only train is augmented; its transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
+    where, d = job.where, job.spec.data
+    datasets = []
+    for split in SPLITS:
+        images = materialize(getattr(job.data, f"{split}_images"), where.data_cache, where.storage_endpoint)
+        datasets.append(
+            CocoDataset.from_coco(
+                validated_coco(job.data, split, where.data_cache, where.storage_endpoint),
+                images,
+                source=getattr(job.data, f"{split}_annotations"),
+                max_image_pixels=d.max_image_pixels,
+            )
+        )
+    train, val = datasets
+    train.transform = build_augment(
+        d.augment, hflip=d.hflip, max_size=job.model.max_size, seed=job.train.seed, rank=rank
+    )
     return train, val
 
 
@@ -170,7 +180,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net.resize_in_training = spec.data.augment.resize is None  # multi-scale images come resized
 
     loader = DataLoader(
-        train_ds,
+        SkipBadSamples(train_ds),  # a file bad since validation: the next sample instead, named
         batch_size=t.batch_size,
         shuffle=True,
         collate_fn=collate,
@@ -189,6 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda") if use_scaler else None
 
     guard = NonFiniteGuard(t.max_nonfinite_steps)
+    bad_samples = BadSamples(spec.data.max_bad_samples)
     progress = ProgressPoster(config.get("progress"), t, steps=iters_per_epoch)  # posts on rank 0 only
     start_epoch, step = 0, 0
     resumed_from = -1  # the epoch training (re)started at after a restore; -1: a fresh start
@@ -211,6 +222,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         for i, (images, targets) in enumerate(loader):
             if i >= iters_per_epoch:
                 break
+            bad_samples.take(targets, epoch=epoch)
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             with autocast:
                 losses = ddp_model(images, targets)
@@ -256,6 +268,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": sums[2].item() / elapsed,
             "skipped_steps": float(guard.skipped - skipped_before),
+            "bad_samples": bad_samples.end_epoch(device),
             "resumed_from_epoch": float(resumed_from),
         }
         evaluate_now = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs

@@ -44,13 +44,14 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
     from retinanet import RetinaNet
     from retinanet.data import CocoDataset
     from retinanet.draw import draw_detections
+    from retinaops.job.data import read_validated
     from retinaops.storage import materialize
 
     data = job.data  # a retinaops.job.resolved.Job
     cache = Path(model_file).parent
     endpoint = job.where.storage_endpoint
-    dataset = CocoDataset(
-        materialize(data.val_annotations, cache, endpoint),
+    dataset = CocoDataset.from_coco(  # the driver's validated val split: no file it dropped
+        read_validated(data.val_validated),
         materialize(data.val_images, cache, endpoint),
         source=data.val_annotations,
     )
