@@ -44,7 +44,7 @@ def finish(process: subprocess.Popen) -> tuple[int, str, str]:
     return process.returncode, out, err
 
 
-@pytest.mark.parametrize("round_", range(3))  # three races: the two processes interleave differently
+@pytest.mark.parametrize("round_", range(2))  # two races: the processes interleave differently in each
 def test_two_promotions_at_once_leave_the_better_champion_and_rollback_the_real_previous(
     round_, client, platform_env
 ):
@@ -72,7 +72,12 @@ def test_two_promotions_at_once_leave_the_better_champion_and_rollback_the_real_
         lost = json.loads(out)["version"]
         assert won["previous_champion"] in (v1, lost)
     else:
-        assert err.startswith("retinaops: error: ") and "not promoted" in err and len(err.splitlines()) == 1
+        # One error line; MLflow's own INFO lines may come before it ("Waiting up to 300 seconds for
+        # model version to finish creation").
+        lines = [line for line in err.splitlines() if " INFO mlflow." not in line]
+        assert len(lines) == 1 and lines[0].startswith("retinaops: error: ") and "not promoted" in lines[0], (
+            err
+        )
         assert won["previous_champion"] == v1
     assert champion.tags["previous_champion"] == won["previous_champion"]
 

@@ -278,3 +278,57 @@ def test_no_secret_reaches_mlflow_the_logs_or_the_stored_run(outage_run, own_mlf
         (name, where) for where, text in texts.items() for name, value in secrets.items() if value in text
     ]
     assert not leaks
+
+
+# -- a sweep through an MLflow outage ----------------------------------------------------------
+
+CHILDREN = "tags.`mlflow.parentRunId` != ''"  # a sweep's trials: the runs with a parent
+
+
+def test_a_sweep_through_an_mlflow_outage_keeps_its_trials_writes_and_sends_them_later(
+    own_mlflow, shapes, ray_head, tmp_path
+):
+    """The same protection for a sweep's trials as for one run: MLflow is stopped after the first trial's
+    epoch 0 and started again once a trial has kept writes on disk; the sweep finishes (exit 0) and every
+    trial's epochs are in MLflow, each once, with nothing left in the journal."""
+    from sweep_helpers import children, sweep_spec
+
+    experiment = "it-reliability-sweep"
+    spec = sweep_spec(shapes)
+    spec["sweep"] |= {"search": "random", "num_samples": 2, "max_concurrent": 1}
+    spec["tracking"] = {"experiment": experiment, "tracking_uri": own_mlflow.url}
+    spec["storage"] = {"path": str(tmp_path / "storage")}
+    (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+    home = tmp_path / "home"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "retinaops.cli", "sweep", str(tmp_path / "sweep.yaml")],
+        env={**os.environ, **ray_head.env, "RETINAOPS_HOME": str(home)},
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    client = MlflowClient(own_mlflow.url)
+    exp_id = wait_for(
+        lambda: getattr(client.get_experiment_by_name(experiment), "experiment_id", None), "the sweep", proc
+    )
+
+    def first_epoch_logged():
+        runs = client.search_runs([exp_id], CHILDREN)
+        return any(client.get_metric_history(r.info.run_id, "loss") for r in runs)
+
+    wait_for(first_epoch_logged, "a trial's epoch 0", proc)
+    own_mlflow.stop()
+    kept = lambda: any(f.stat().st_size for f in (home / "mlflow-journal").glob("*/*.jsonl"))  # noqa: E731
+    wait_for(kept, "a trial's writes kept on disk", proc)
+    own_mlflow.start()
+    out, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-6000:]
+
+    (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in client.search_runs([exp_id], CHILDREN)}
+    assert client.get_run(parent_id).info.status == "FINISHED"
+    trials = children(client, parent_id)
+    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    for trial in trials:  # every epoch once, the ones written during the outage included
+        assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "loss")) == [0, 1]
+    assert not [f for f in (home / "mlflow-journal").glob("*/*.jsonl") if f.stat().st_size]  # all sent
