@@ -111,3 +111,23 @@ def test_a_worse_move_just_after_ours_is_taken_back_and_the_previous_champion_ke
     now = champion(plain, model)
     assert now.version == won.version and won.previous == v1 and now.tags[PREVIOUS_TAG] == v1
     assert rollback(plain, model) == (won.version, v1)
+
+
+def test_a_worse_champion_replaced_at_once_by_a_better_one_is_skipped_by_rollback(store, tmp_path):
+    """Ours (worse) moves the alias; a better promotion replaces it at once, recording ours as the one it
+    replaced; ours then reports "not promoted", so the better one's previous is the champion before ours."""
+    uri, artifacts = store
+    plain, model = Tracker(uri, artifacts), "cas-skipped"
+    first, better, worse = (
+        run(plain, tmp_path, n, m) for n, m in [("f4", FIRST), ("b4", BETTER), ("w4", WORSE)]
+    )
+    v1 = promote_run(plain, first, model, rule=MAX_AP).version
+    racing = Interleaved(
+        uri, artifacts, "set_alias", lambda: promote_run(Tracker(uri, artifacts), better, model, rule=MAX_AP)
+    )
+    with pytest.raises(ValueError, match="not promoted.*another promotion won"):
+        promote_run(racing, worse, model, rule=MAX_AP)
+    now = champion(plain, model)
+    assert plain.get_run(better).info.run_id == now.tags["trial_run_id"]
+    assert now.tags[PREVIOUS_TAG] == v1  # not the worse one, which says it was never promoted
+    assert rollback(plain, model) == (now.version, v1)

@@ -292,6 +292,10 @@ def _move_champion(
             try:
                 _hold_to(now, trial, rule, name, force=force)
             except ValueError as exc:
+                if moved and str(now.tags.get(PREVIOUS_TAG)) == version:
+                    # Ours held the alias for a moment and the better one replaced it: what ours replaced
+                    # is what the better one replaced, since ours reports "not promoted" (rollback).
+                    tracker.set_model_version_tag(name, str(now.version), PREVIOUS_TAG, replaced or "")
                 raise ValueError(
                     f"{exc} (version {version} stays registered: another promotion won)"
                 ) from None
