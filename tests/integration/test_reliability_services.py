@@ -21,6 +21,7 @@ import pytest
 import yaml
 from flaky_endpoint import FlakyEndpoint
 from mlflow import MlflowClient
+from training import retinaops
 
 from retinaops.cluster.services import free_port, start_mlflow
 from retinaops.run.callback import MLflowCallback
@@ -188,14 +189,7 @@ def outage_run(own_mlflow, s3_server, ray_head, tiny_run_spec, tmp_path_factory)
         "AWS_DEFAULT_REGION": "us-east-1",
         "RETINAOPS_HOME": str(tmp / "home"),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retinaops.cli", "train", str(tmp / "spec.yaml"), "--json"],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = retinaops(["train", str(tmp / "spec.yaml"), "--json"], env)
     client = MlflowClient(own_mlflow.url)
     exp_id = wait_for(
         lambda: getattr(client.get_experiment_by_name(EXPERIMENT), "experiment_id", None),
@@ -300,14 +294,7 @@ def test_a_sweep_through_an_mlflow_outage_keeps_its_trials_writes_and_sends_them
     spec["storage"] = {"path": str(tmp_path / "storage")}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
     home = tmp_path / "home"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "retinaops.cli", "sweep", str(tmp_path / "sweep.yaml")],
-        env={**os.environ, **ray_head.env, "RETINAOPS_HOME": str(home)},
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = retinaops(["sweep", str(tmp_path / "sweep.yaml")], {**ray_head.env, "RETINAOPS_HOME": str(home)})
     client = MlflowClient(own_mlflow.url)
     exp_id = wait_for(
         lambda: getattr(client.get_experiment_by_name(experiment), "experiment_id", None), "the sweep", proc

@@ -56,6 +56,13 @@ def run(tracker: Tracker, tmp_path, name: str, metrics: dict) -> str:
     return run_id
 
 
+def contenders(tracker: Tracker, tmp_path, tag: str) -> tuple[str, str, str]:
+    """Three finished runs: the first champion, a better and a worse candidate (f{tag}, b{tag}, w{tag})."""
+    return tuple(
+        run(tracker, tmp_path, f"{n}{tag}", m) for n, m in [("f", FIRST), ("b", BETTER), ("w", WORSE)]
+    )
+
+
 def champion(tracker: Tracker, model: str) -> SimpleNamespace:
     """The champion's version (a str: the SQLite store gives an int) and tags."""
     found = tracker.model_version_by_alias(model, CHAMPION)
@@ -65,9 +72,7 @@ def champion(tracker: Tracker, model: str) -> SimpleNamespace:
 def test_a_better_champion_arriving_before_the_move_refuses_the_worse_candidate(store, tmp_path):
     uri, artifacts = store
     plain, model = Tracker(uri, artifacts), "cas-before"
-    first, better, worse = (
-        run(plain, tmp_path, n, m) for n, m in [("f1", FIRST), ("b1", BETTER), ("w1", WORSE)]
-    )
+    first, better, worse = contenders(plain, tmp_path, "1")
     v1 = promote_run(plain, first, model, rule=MAX_AP).version
     racing = Interleaved(
         uri, artifacts, "register_model", lambda: promote_run(plain, better, model, rule=MAX_AP)
@@ -82,9 +87,7 @@ def test_a_better_champion_arriving_before_the_move_refuses_the_worse_candidate(
 def test_a_worse_champion_arriving_before_the_move_is_replaced_and_recorded_as_previous(store, tmp_path):
     uri, artifacts = store
     plain, model = Tracker(uri, artifacts), "cas-replaced"
-    first, better, worse = (
-        run(plain, tmp_path, n, m) for n, m in [("f2", FIRST), ("b2", BETTER), ("w2", WORSE)]
-    )
+    first, better, worse = contenders(plain, tmp_path, "2")
     promote_run(plain, first, model, rule=MAX_AP)
     moved = []
     racing = Interleaved(
@@ -100,9 +103,7 @@ def test_a_worse_champion_arriving_before_the_move_is_replaced_and_recorded_as_p
 def test_a_worse_move_just_after_ours_is_taken_back_and_the_previous_champion_kept(store, tmp_path):
     uri, artifacts = store
     plain, model = Tracker(uri, artifacts), "cas-after"
-    first, better, worse = (
-        run(plain, tmp_path, n, m) for n, m in [("f3", FIRST), ("b3", BETTER), ("w3", WORSE)]
-    )
+    first, better, worse = contenders(plain, tmp_path, "3")
     v1 = promote_run(plain, first, model, rule=MAX_AP).version
     stale = plain.register_model(f"{tmp_path.as_uri()}/w3", model, {"trial_run_id": worse, PREVIOUS_TAG: v1})
     # Another promotion that read the alias before ours moved it, and moves it just after.
@@ -118,9 +119,7 @@ def test_a_worse_champion_replaced_at_once_by_a_better_one_is_skipped_by_rollbac
     replaced; ours then reports "not promoted", so the better one's previous is the champion before ours."""
     uri, artifacts = store
     plain, model = Tracker(uri, artifacts), "cas-skipped"
-    first, better, worse = (
-        run(plain, tmp_path, n, m) for n, m in [("f4", FIRST), ("b4", BETTER), ("w4", WORSE)]
-    )
+    first, better, worse = contenders(plain, tmp_path, "4")
     v1 = promote_run(plain, first, model, rule=MAX_AP).version
     racing = Interleaved(
         uri, artifacts, "set_alias", lambda: promote_run(Tracker(uri, artifacts), better, model, rule=MAX_AP)
