@@ -4,6 +4,7 @@ stopped after by `retinaops stack down`."""
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -40,7 +41,10 @@ def stack_command(*args: str) -> subprocess.CompletedProcess:
 
 @pytest.fixture(scope="session")
 def services_dir():
-    return Path(tempfile.mkdtemp(prefix="retinaops-it-"))
+    """The session's folder: the stack's state and logs, the shared data set. Removed at the end."""
+    folder = Path(tempfile.mkdtemp(prefix="retinaops-it-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -149,6 +153,25 @@ def platform_env(services_dir, mlflow_server, s3_server, ray_head):
 def env(services_dir, mlflow_server, s3_server, ray_head):
     """`platform_env`, once per module: for module-scoped fixtures (the sweeps of test_sweep*.py)."""
     return stack_env(services_dir, mlflow_server, s3_server, ray_head)
+
+
+@pytest.fixture(scope="session")
+def sweep(services_dir, mlflow_server, s3_server, ray_head, shapes, tmp_path_factory):
+    """One `retinaops sweep --json` of sweep_helpers.sweep_spec (three one-worker trials, ~100 s on 2 cores),
+    shared by test_sweep.py and test_browse_ui.py: its --json summary."""
+    import json
+
+    import yaml
+    from sweep_helpers import retinaops, sweep_spec
+
+    path = tmp_path_factory.mktemp("sweep") / "sweep.yaml"
+    path.write_text(yaml.safe_dump(sweep_spec(shapes)))
+    done = retinaops(
+        ["sweep", str(path), "--json"], stack_env(services_dir, mlflow_server, s3_server, ray_head)
+    )
+    assert done.returncode == 0, done.stderr[-5000:]
+    # Ray echoes the trials' output to the driver, sometimes after the summary: take the JSON line.
+    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
 
 
 @pytest.fixture(scope="module")

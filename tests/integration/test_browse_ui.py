@@ -1,10 +1,10 @@
 """What a user sees of a sweep in MLflow's own UI (3.17.2), checked in a real browser.
 
 Playwright for Python drives the operating system's Chromium (Debian's `chromium` package, found on PATH;
-Playwright's own browser download is never used) against the stack's `mlflow server`. One tiny sweep (two
-trials of two short epochs) and its promotion, then the pages a user opens: the experiment's training runs,
-the sweep's parent with its best AP, its trials with AP and latency, a trial's PR curve and detections, the
-champion version. The screenshots go to docs/ui/ for the README's "Browse the results".
+Playwright's own browser download is never used) against the stack's `mlflow server`. The session's tiny
+sweep (three trials of two short epochs) and its promotion, then the pages a user opens: the experiment's
+training runs, the sweep's parent with its best AP, its trials with AP and latency, a trial's PR curve and
+detections, the champion version. The screenshots go to docs/ui/ for the README's "Browse the results".
 """
 
 import json
@@ -12,9 +12,8 @@ import re
 import shutil
 
 import pytest
-import yaml
 from PIL import Image
-from sweep_helpers import REPO, retinaops, sweep_spec
+from sweep_helpers import EXPERIMENT, REPO, retinaops
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(
@@ -23,8 +22,7 @@ pytestmark = pytest.mark.skipif(
     "(Debian/Ubuntu: apt-get install -y chromium)",
 )
 
-EXPERIMENT = "it-browse"
-MODEL = f"retinanet-{EXPERIMENT}"
+MODEL = "retinanet-it-browse"
 SHOTS = REPO / "docs" / "ui"
 # MLflow's assistant panel opens by itself on a first visit and covers a third of the page.
 QUIET = (
@@ -34,21 +32,21 @@ QUIET = (
 
 
 @pytest.fixture(scope="module")
-def promoted(env, shapes, tmp_path_factory):
-    """A two-trial sweep and its promotion: (the sweep's --json summary, the promotion's)."""
-    spec = sweep_spec(shapes)
-    spec["name"] = "browse-it"
-    spec["tracking"] = {"experiment": EXPERIMENT}
-    spec["storage"] = {"path": "s3://checkpoints/it-browse"}
-    spec["sweep"] |= {"num_samples": 2, "max_concurrent": 2}
-    path = tmp_path_factory.mktemp("browse") / "sweep.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    done = retinaops(["sweep", str(path), "--json"], env)
-    assert done.returncode == 0, done.stderr[-5000:]
-    sweep = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
-    done = retinaops(
-        ["promote", sweep["sweep"], "--experiment", EXPERIMENT, "--rule", "max AP", "--json"], env
-    )
+def promoted(sweep, env):
+    """The session's sweep (conftest.py, three trials) and its promotion to a model of this module's own, so
+    that test_sweep.py's champion moves are its own: (the sweep's --json summary, the promotion's)."""
+    args = [
+        "promote",
+        sweep["sweep"],
+        "--experiment",
+        EXPERIMENT,
+        "--name",
+        MODEL,
+        "--rule",
+        "max AP",
+        "--json",
+    ]
+    done = retinaops(args, env)
     assert done.returncode == 0, done.stderr[-3000:]
     return sweep, json.loads(done.stdout.strip().splitlines()[-1])
 

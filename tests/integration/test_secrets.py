@@ -156,12 +156,22 @@ def with_password(env, mlflow_server, tiny_run_spec, tmp_path_factory):
             "space": {"model.focal_gamma": {"grid": [2.0]}},  # one trial: tuner.pkl holds ASHA all the same
         },
     )
-    outputs = {}
+    started = {}  # at once: one CPU each, on the stack's two nodes
     for name, spec in (("train", train), ("sweep", sweep)):
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-        done = retinaops(["-v", name, str(tmp / f"{name}.yaml"), "--json"], run_env)
-        assert done.returncode == 0, done.stderr[-3000:]
-        outputs[name] = done.stdout + done.stderr
+        with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
+            started[name] = subprocess.Popen(
+                [sys.executable, "-m", "retinaops.cli", "-v", name, str(tmp / f"{name}.yaml"), "--json"],
+                env={**os.environ, **run_env},
+                stdout=out,
+                stderr=err,
+            )
+    outputs = {}
+    for name, process in started.items():
+        process.wait(timeout=900)
+        stdout, stderr = (tmp / f"{name}.out").read_text(), (tmp / f"{name}.err").read_text()
+        assert process.returncode == 0, stderr[-3000:]
+        outputs[name] = stdout + stderr
     summary = next(line for line in reversed(outputs["sweep"].splitlines()) if line.startswith("{"))
     promote = [
         "promote",

@@ -222,8 +222,9 @@ def test_the_champion_serves_from_an_environment_built_from_its_own_requirements
             check=True,
         )
         installed = {p["name"].lower(): p["version"] for p in json.loads(listed.stdout)}
-    finally:
-        shutil.rmtree(envs, ignore_errors=True)  # gigabytes
+    finally:  # gigabytes each: gone before the next test
+        shutil.rmtree(envs, ignore_errors=True)
+        shutil.rmtree(env["UV_CACHE_DIR"], ignore_errors=True)
     assert installed["mlflow"] == "3.17.2" and installed["torch"].startswith("2.14.1")
     assert "ray" not in installed and "retinanet-platform" not in installed and "retinaops" not in installed
     assert_same_detections(rows, predicted)

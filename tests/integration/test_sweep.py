@@ -1,8 +1,8 @@
 """`retinaops sweep` on a real Ray cluster with a real MLflow server; then leaderboard, promote, rollback, export.
 
-One sweep, `sweep`, shared by several tests (every trial is a one-worker TorchTrainer, ~40 s on 2 cores):
-three trials searched by multi-objective Optuna (AP max, latency_ms min), all finishing. The sweep that is
-killed and resumed: test_sweep_resumed.py.
+One sweep, `sweep` (conftest.py; test_browse_ui.py browses the same one), shared by several tests (every
+trial is a one-worker TorchTrainer, ~40 s on 2 cores): three trials searched by multi-objective Optuna (AP
+max, latency_ms min), all finishing. The sweep that is killed and resumed: test_sweep_resumed.py.
 """
 
 import json
@@ -11,22 +11,11 @@ import sys
 from dataclasses import fields
 
 import pytest
-import yaml
 from sweep_helpers import EXPERIMENT, REPO, children, retinaops, sweep_spec
 
 from retinanet import RetinaNetConfig
 
 MODEL = "retinanet-it-sweep"
-
-
-@pytest.fixture(scope="module")
-def sweep(env, shapes, tmp_path_factory):
-    path = tmp_path_factory.mktemp("sweep") / "sweep.yaml"
-    path.write_text(yaml.safe_dump(sweep_spec(shapes)))
-    done = retinaops(["sweep", str(path), "--json"], env)
-    assert done.returncode == 0, done.stderr[-5000:]
-    # Ray echoes the trials' output to the driver, sometimes after the summary: take the JSON line.
-    return json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
 
 
 def test_sweep_logs_one_parent_run_and_a_child_run_per_trial(sweep, client):
