@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
-from training import retinaops, train_worker_pids, wait_for_metric_step, wait_for_run, write_spec
+from training import retinaops, train_worker_pids, wait_for_run, write_spec
 
 LIMIT = 32 << 20
 
@@ -63,6 +63,15 @@ class MemoryCgroup:
         self.path.rmdir()
 
 
+def wait_for_checkpoint(storage: Path, proc, timeout: float = 300) -> None:
+    """Until a checkpoint folder under storage holds its manifest (written last: the checkpoint is whole)."""
+    deadline = time.monotonic() + timeout
+    while not any(storage.glob("**/checkpoint_*/manifest.json")):
+        assert proc.poll() is None, f"training exited early: {proc.stderr.read()[-3000:]}"
+        assert time.monotonic() < deadline, f"no checkpoint under {storage}"
+        time.sleep(0.2)
+
+
 def _read(path: Path) -> str:
     try:
         return path.read_text()
@@ -87,7 +96,7 @@ def test_a_worker_killed_by_the_oom_killer_is_restarted_from_the_last_checkpoint
 ):
     spec = tiny_run_spec(
         "oom",
-        train={"epochs": 4},
+        train={"epochs": 6},  # room to move the worker mid-run
         scaling={"max_failures": 2},
         tracking={"experiment": "it-reliability-oom", "run_name": "oom-run"},
         storage={"path": str(tmp_path / "storage")},
@@ -95,7 +104,9 @@ def test_a_worker_killed_by_the_oom_killer_is_restarted_from_the_last_checkpoint
     proc = retinaops(["train", str(write_spec(tmp_path, spec)), "--json"], platform_env)
     client = MlflowClient(mlflow_server.url)
     run_id = wait_for_run(client, "it-reliability-oom", "oom-run", proc, timeout=400).info.run_id
-    wait_for_metric_step(client, run_id, "loss", 0, proc)  # epoch 0 reported, with its checkpoint
+    # Epoch 0's checkpoint complete in storage: sooner than MLflow shows the epoch, while the worker trains on.
+    wait_for_checkpoint(tmp_path / "storage", proc)
+    time.sleep(1)  # Ray Train registers it once its upload returns: a moment after the manifest is there
     deadline = time.monotonic() + 120
 
     (victim,) = train_worker_pids({stack.services[n].sid for n in ("ray-head", "ray-worker")})
@@ -112,6 +123,6 @@ def test_a_worker_killed_by_the_oom_killer_is_restarted_from_the_last_checkpoint
     assert run.info.status == "FINISHED"
     assert "failure.1" in run.data.tags  # the killed worker was seen ...
     for key in ("loss", "AP"):  # ... and every epoch is in the run once, the one redone included
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2, 3], key
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == list(range(6)), key
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
     assert max(resumed) >= 1  # restarted from a checkpoint, not from scratch

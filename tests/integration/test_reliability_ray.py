@@ -93,6 +93,7 @@ def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_o
 ):
     spec = tiny_run_spec(
         "node-loss",
+        train={"epochs": 4},  # room to lose the node mid-run, however late MLflow shows epoch 0
         scaling={"num_workers": 2, "cpus_per_worker": 1, "max_failures": 2},
         tracking={"experiment": "it-reliability-node", "run_name": "node-loss"},
         storage={"path": "s3://checkpoints/it-node-loss"},
@@ -121,9 +122,11 @@ def test_a_worker_node_stopped_mid_run_resumes_from_the_last_checkpoint_on_the_o
     assert run.info.status == "FINISHED"
     assert "failure.1" in run.data.tags  # the lost node was seen as a worker failure ...
     for key in ("loss", "AP"):  # ... the run finished every epoch, each in its history once
-        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2], key
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [0, 1, 2, 3], key
     resumed = [m.value for m in client.get_metric_history(run_id, "resumed_from_epoch")]
-    assert max(resumed) == checkpointed + 1  # it restarted right after the last checkpoint
+    # It restarted right after its last checkpoint: the one MLflow showed when the node went, or a later one
+    # the controller had reported but not yet logged (the workers run ahead of MLflow); never from scratch.
+    assert checkpointed + 1 <= max(resumed) <= 3
     assert len(cluster.worker_nodes) == 2
     keys = [
         o["Key"] for o in s3_client.list_objects_v2(Bucket="checkpoints", Prefix="it-node-loss/")["Contents"]
