@@ -43,6 +43,18 @@ bench-ap: $(STAMP)
 bench-learn: $(STAMP)
 	$(PY) -m benchmarks.learn
 
+# Loading a COCO-sized annotation file (118k images, 860k boxes) and evaluating at val2017 size, against
+# pycocotools (~5 min on 2 cores; ~0.5 GB of temporary data, removed): a section of benchmarks/RESULTS.md
+.PHONY: bench-coco
+bench-coco: $(STAMP)
+	$(PY) -m benchmarks.coco_scale
+
+# Where a `retinaops train` run's time goes, per worker layout, beside the bare train step of the same model
+# (~5 minutes on 2 quiet cores): benchmarks/E2E.md + E2E.png + E2E.json
+.PHONY: bench-e2e
+bench-e2e: $(STAMP)
+	$(PY) -m benchmarks.e2e
+
 demo: $(STAMP)
 	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops demo
 

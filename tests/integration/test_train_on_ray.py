@@ -84,6 +84,19 @@ def test_two_worker_run_survives_a_killed_worker_with_checkpoints_on_s3(
     resumed = [m.value for m in client.get_metric_history(run.info.run_id, "resumed_from_epoch")]
     assert max(resumed) >= 1  # resumed from the epoch-0 checkpoint, not from scratch
 
+    # Where each epoch's time went: rank 0's spans, the driver's wall time and what no span holds.
+    times = {
+        key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}
+        for key in ("time_data_s", "time_step_s", "time_eval_s", "time_save_s", "time_wall_s", "time_other_s")
+    }
+    for key, by_epoch in times.items():
+        assert sorted(by_epoch) == [0, 1, 2] and min(by_epoch.values()) >= 0, (key, by_epoch)
+    assert min(times["time_step_s"].values()) > 0 and min(times["time_eval_s"].values()) > 0
+    # The driver sees a report a little after the worker sends it: the walls add up over the run only.
+    worked = sum(times["time_step_s"].values()) + sum(times["time_eval_s"].values())
+    assert sum(times["time_wall_s"].values()) > worked
+    assert times["time_other_s"][0] > 5  # Ray's and the workers' start-up, before epoch 0's first step
+
     # The training loss every 2 steps at the global step, the epochs redone after the restart included;
     # the driver (stderr not a terminal) printed one progress line per epoch.
     loss_steps = client.get_metric_history(run.info.run_id, "loss_step")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from ray.train import UserCallback
 
+from retinaops.run.spans import time_metrics
 from retinaops.run.state import SCORE
 from retinaops.tracking.journal import default_journal_root
 from retinaops.tracking.tracker import Tracker
@@ -29,6 +31,8 @@ class MLflowCallback(UserCallback):
         self.journal_root = str(journal_root or default_journal_root())
         self._tracker: Tracker | None = None
         self.num_failures = 0
+        # When the run began, on the driver: epoch 0's wall time includes Ray's and the workers' start-up.
+        self.last_report = time.time()
 
     @property
     def tracker(self) -> Tracker:
@@ -41,6 +45,9 @@ class MLflowCallback(UserCallback):
 
     def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
         report = {k: v for k, v in metrics[0].items() if k != SCORE}  # bookkeeping for Ray, not a metric
+        now = time.time()
+        report.update(time_metrics(report, now - self.last_report))
+        self.last_report = now
         step = int(report.get("epoch", 0))
         try:
             self.tracker.log_metrics(self.run_id, report, step)

@@ -35,6 +35,7 @@ from retinaops.job.spec import JobSpec
 from retinaops.run.bad_samples import BadSamples
 from retinaops.run.evaluation import as_served, distributed, evaluate_distributed, pr_curve
 from retinaops.run.progress import ProgressPoster
+from retinaops.run.spans import Spans
 from retinaops.run.state import (
     EVAL_FILE,
     MODEL_FILE,
@@ -219,7 +220,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         skipped_before, good_steps = guard.skipped, 0
         progress.start_epoch(epoch)
         started = time.perf_counter()
+        spans = Spans()
         for i, (images, targets) in enumerate(loader):
+            spans.mark("data")
             if i >= iters_per_epoch:
                 break
             bad_samples.take(targets, epoch=epoch)
@@ -229,6 +232,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             loss = losses["classification"] + losses["bbox_regression"]
             optimizer.zero_grad(set_to_none=True)
             if guard.skip(loss, epoch=epoch, step=step):
+                spans.mark("step")
                 continue
             if scaler is not None:
                 scaler.scale(loss).backward()
@@ -253,10 +257,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     torch.tensor(float(len(images)), device=device),
                 ]
             )
+            spans.mark("step")
         steps_done = torch.tensor([float(good_steps)], device=device)
         if distributed():
             dist.all_reduce(sums)
             dist.all_reduce(steps_done)
+        spans.mark("sync")
         elapsed = time.perf_counter() - started
         done = steps_done.item() or float("nan")  # no loss to report when every step was skipped
         metrics: dict[str, Any] = {
@@ -267,6 +273,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "loss": (sums[0].item() + sums[1].item()) / done,
             "lr": optimizer.param_groups[0]["lr"],
             "images_per_s": sums[2].item() / elapsed,
+            "train_images": sums[2].item(),  # of all ranks, this epoch
             "skipped_steps": float(guard.skipped - skipped_before),
             "bad_samples": bad_samples.end_epoch(device),
             "resumed_from_epoch": float(resumed_from),
@@ -284,6 +291,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 device=device,
                 max_images=t.eval_max_images,
             )
+            spans.mark("eval")
             if rank == 0:
                 metrics.update(coco)
             if rank == 0 and t.latency_iters > 0:  # 0 skips the measurement
@@ -296,10 +304,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                         "latency_threads": latency.threads,
                     }
                 )
+                spans.mark("latency")
         if distributed():
             shared = [metrics]
             dist.broadcast_object_list(shared, src=0)
             metrics = shared[0]
+            spans.mark("sync")
         progress.end_epoch(metrics)
         if save_now:
             metrics[SCORE] = metrics.get("AP", -1.0)  # what Ray Train keeps the best checkpoints by
@@ -324,7 +334,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     Path(tmp, PREDICTIONS_FILE).write_text(json.dumps(predictions))
                 write_manifest(Path(tmp))
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                spans.mark("save")
+                metrics.update(spans.metrics())
                 ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_fn=upload_checkpoint)
         else:
-            ray.train.report(metrics)
+            ray.train.report({**metrics, **spans.metrics()})
         net.train()
