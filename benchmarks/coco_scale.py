@@ -190,8 +190,12 @@ def render(res: dict) -> str:
         f"is a hard link to one JPEG but one, left missing on purpose: `--no-decode` {found} it. "
         "Each step is one fresh process: wall time from start to exit (interpreter and imports included), "
         "the step's own time inside it, and the process's peak RSS (os.wait4 rusage). Load average (1 min) "
-        f"{res['loadavg'][0]:.1f} at the start, {res['loadavg'][1]:.1f} at the end: above the core count, "
-        "other work shared the machine and wall times are longer than on a quiet one.",
+        f"{res['loadavg'][0]:.1f} at the start, {res['loadavg'][1]:.1f} at the end"
+        + (
+            ": above the core count, other work shared the machine and wall times are longer than on a quiet one."
+            if max(res["loadavg"]) > (os.cpu_count() or 1)
+            else ": no more than this process's own work."
+        ),
         "",
         f"| step | wall s | step s | peak RSS MiB | wall / COCO() | within {TARGET_S:.0f} s and "
         f"{TARGET_MIB / 1024:.0f} GiB |",
