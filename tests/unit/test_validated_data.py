@@ -56,6 +56,20 @@ def test_the_driver_writes_one_cleaned_description_the_job_carries_with_the_drop
     assert again.data == job.data
 
 
+def test_with_check_train_images_exists_the_driver_opens_no_training_image_and_drops_only_missing_ones(
+    tmp_path, shapes
+):
+    truncated, deleted = spoil(shapes)
+    val = shapes / json.loads((shapes / "val.json").read_text())["images"][0]["file_name"]
+    val.write_bytes(val.read_bytes()[:100])
+    job, summary = resolve(tmp_path, shapes, check_train_images="exists")
+    assert summary["train"]["images"] == 5 and summary["train"]["dropped_files"] == 1  # the missing one
+    kept = {im["id"] for im in read_validated(job.data.train_validated)["images"]}
+    assert truncated["id"] in kept and deleted["id"] not in kept  # the truncated one: a training-time skip
+    assert summary["val"]["dropped_files"] == 1  # val is decoded all the same: evaluation skips nothing
+    assert job.params()["data.check_train_images"] == "exists"
+
+
 def test_a_validated_description_changed_after_the_driver_wrote_it_is_refused(tmp_path, shapes):
     job, _ = resolve(tmp_path, shapes)
     path = job.data.train_validated

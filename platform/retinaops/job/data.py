@@ -90,10 +90,12 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
     for split in SPLITS:
         from retinanet.data import load_coco
 
+        quick = split == "train" and spec.data.check_train_images == "exists"  # evaluation skips no image
         coco, report = load_coco(
             local[f"{split}_annotations"],
             local[f"{split}_images"],
             strict=spec.data.strict,
+            check_images="exists" if quick else True,
             max_image_pixels=spec.data.max_image_pixels,
         )
         if not coco["images"]:

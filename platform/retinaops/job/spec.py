@@ -98,6 +98,12 @@ class DataSpec(Section):
         ge=0,
         description="Training samples skipped because their file no longer decodes before the run stops.",
     )
+    check_train_images: Literal["decode", "exists"] = Field(
+        "decode",
+        description="How the driver checks the training images before Ray starts: decode each in full, or "
+        "'exists': only that its file is there (one listing per folder, fast at COCO scale); a file that then "
+        "does not decode is skipped in training and counted in bad_samples. Val images are always decoded.",
+    )
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
