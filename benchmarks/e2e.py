@@ -21,8 +21,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from retinaops.run.spans import SPANS
+
 REPO = Path(__file__).resolve().parents[1]
-SPANS = ("data", "step", "sync", "eval", "latency", "save")
 # What the stacked bars show, in order: the spans of the epochs, what the driver saw beyond them.
 PARTS = (
     ("driver", "driver: data check, MLflow run, final model logging, Ray shutdown"),

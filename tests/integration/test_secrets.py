@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import training
 import yaml
 
 LOOPBACK = {
@@ -160,12 +161,8 @@ def with_password(env, mlflow_server, tiny_run_spec, tmp_path_factory):
     for name, spec in (("train", train), ("sweep", sweep)):
         (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
         with open(tmp / f"{name}.out", "w") as out, open(tmp / f"{name}.err", "w") as err:
-            started[name] = subprocess.Popen(
-                [sys.executable, "-m", "retinaops.cli", "-v", name, str(tmp / f"{name}.yaml"), "--json"],
-                env={**os.environ, **run_env},
-                stdout=out,
-                stderr=err,
-            )
+            args = ["-v", name, str(tmp / f"{name}.yaml"), "--json"]
+            started[name] = training.retinaops(args, run_env, stdout=out, stderr=err)
     outputs = {}
     for name, process in started.items():
         process.wait(timeout=900)

@@ -37,14 +37,10 @@ def write_spec(tmp_path, spec) -> Path:
 
 
 def retinaops(args, env, **kw):
+    """`retinaops ARGS` started with env added; its output piped unless kw names files for it."""
+    kw = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **kw}
     return subprocess.Popen(
-        [sys.executable, "-m", "retinaops.cli", *args],
-        env={**os.environ, **env},
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        **kw,
+        [sys.executable, "-m", "retinaops.cli", *args], env={**os.environ, **env}, cwd=REPO, **kw
     )
 
 
