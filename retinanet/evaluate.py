@@ -15,7 +15,7 @@ import io
 import logging
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -201,6 +201,45 @@ def coco_eval(
     return metrics, precision
 
 
+def coco_eval_unread(
+    coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]], unread: Collection[int]
+) -> tuple[dict[str, float], np.ndarray]:
+    """`coco_eval` against the whole ground truth, as COCO defines AP, when some of its images could not be
+    read (a missing or broken file): those count as images without detections, their objects as missed.
+    Adds `unread_images` (how many), and with any, `AP_readable`: the AP over the other images alone."""
+    metrics, precision = coco_eval(coco_gt, results)
+    unread = {int(i) for i in unread}
+    metrics["unread_images"] = float(len(unread))
+    if unread:
+        readable = {
+            **coco_gt,
+            "images": [im for im in coco_gt["images"] if im["id"] not in unread],
+            "annotations": [a for a in coco_gt.get("annotations") or [] if a["image_id"] not in unread],
+        }
+        metrics["AP_readable"] = coco_eval(readable, results)[0]["AP"] if readable["images"] else 0.0
+    return metrics, precision
+
+
+def file_ground_truth(dataset: Any) -> tuple[Mapping[str, Any], set[int]]:
+    """(the ground truth as a CocoDataset's annotation file has it, the ids of its images the dataset dropped
+    for their file): what `coco_eval_unread` scores AP against, as COCO defines it. Only records no
+    evaluator can read are left out (load_coco's record checks, images unchecked)."""
+    report = getattr(dataset, "report", None)
+    if report is None or not report.num_unreadable_images:
+        return dataset.coco, set()
+    from retinanet.data.coco import load_coco
+
+    truth, _ = load_coco(dataset.annotations_path, "", check_images=False)
+    return truth, {image["id"] for image in truth["images"]} - set(dataset.image_ids)
+
+
+def dataset_ap(dataset: Any, results: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+    """`coco_eval_unread`'s metrics of results on a CocoDataset, against its whole annotation file
+    (`file_ground_truth`): AP as COCO defines it, whatever images the dataset dropped."""
+    truth, unread = file_ground_truth(dataset)
+    return coco_eval_unread(truth, results, unread)[0]
+
+
 def class_metric_names(categories: Sequence[Mapping[str, Any]]) -> dict[int, str]:
     """Category id -> the name of its per-class metric (after `CLASS_PREFIX`), safe as an MLflow key.
 
@@ -223,7 +262,7 @@ def coco_ap(coco_gt: Mapping[str, Any], results: Sequence[Mapping[str, Any]]) ->
 
 def evaluate(model: nn.Module, dataset: Any, **kwargs: Any) -> dict[str, float]:
     """COCO box AP of the model on a CocoDataset; keyword arguments go to `predict_dataset`."""
-    return coco_ap(dataset.coco, predict_dataset(model, dataset, **kwargs))
+    return dataset_ap(dataset, predict_dataset(model, dataset, **kwargs))
 
 
 def _with_area(ann: Mapping[str, Any], index: int) -> dict[str, Any]:

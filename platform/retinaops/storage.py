@@ -5,7 +5,7 @@ retried with backoff while the store fails, verified, manifest last, so never ha
 writes itself (its run snapshot, Tune's experiment state) no code of ours retries: the filesystem handed
 to Ray retries each request for about 1.5 minutes instead of pyarrow's ~1.5 s, so that a short store
 outage does not fail the whole run ("controller error"). Data on
-S3 is copied once into a local cache on each node. Credentials come from the usual AWS environment
+S3 is copied into each node's data cache by `s3data`. Credentials come from the usual AWS environment
 variables, never from specs.
 """
 
@@ -122,43 +122,6 @@ def ensure_bucket(location: StorageLocation) -> None:
         fs.create_dir(bucket)
 
 
-def materialize(uri: str, cache_dir: str | Path, endpoint: str | None = None) -> Path:
-    """A local path for a data location: local paths as they are, s3:// copied into cache_dir once.
-
-    Files already in the cache with the same size are not downloaded again.
-    """
-    if not is_s3(uri):
-        return Path(uri).expanduser()
-    bucket, key = split_s3(uri)
-    digest = hashlib.sha256(f"{endpoint}|{uri}".encode()).hexdigest()[:12]
-    local_root = Path(cache_dir) / f"{bucket}-{digest}"
-    fs = s3_filesystem(endpoint)
-    base = f"{bucket}/{key}" if key else bucket
-    info = fs.get_file_info(base)
-    if info.type == pafs.FileType.File:
-        return _fetch(fs, info, local_root / Path(key).name)
-    if info.type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"{uri}: nothing at this S3 location (endpoint {endpoint or 'AWS'})")
-    copied = 0
-    for item in fs.get_file_info(pafs.FileSelector(base, recursive=True)):
-        if item.type == pafs.FileType.File:
-            copied += _fetch(fs, item, local_root / item.path[len(base) :].lstrip("/")) is not None
-    logger.info("data %s available at %s (%d files)", uri, local_root, copied)
-    return local_root
-
-
-def _fetch(fs: pafs.FileSystem, item: pafs.FileInfo, dest: Path) -> Path:
-    if dest.is_file() and dest.stat().st_size == item.size:
-        return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".part")
-    with fs.open_input_stream(item.path) as src, open(tmp, "wb") as out:
-        while chunk := src.read(1 << 20):
-            out.write(chunk)
-    tmp.replace(dest)
-    return dest
-
-
 def with_storage_retries(
     action: Callable[[], T],
     what: str,
@@ -169,8 +132,8 @@ def with_storage_retries(
 ) -> T:
     """Run one storage transfer, retrying with exponential backoff while the store fails or refuses.
 
-    pyarrow raises OSError for every S3 or network failure; a FileNotFoundError is an answer, not a
-    failure, and is raised at once. So is a full disk, a quota or a read-only filesystem: waiting does
+    pyarrow raises OSError for every S3 or network failure; a FileNotFoundError or a PermissionError is an
+    answer, not a failure, and is raised at once. So is a full disk, a quota or a read-only filesystem: waiting does
     not free space. After the last attempt the OSError names what failed and how often.
     """
     try:
@@ -182,7 +145,7 @@ def with_storage_retries(
             max_delay=max_delay,
             retryable=lambda exc: isinstance(exc, OSError) and not _final(exc),
         )
-    except FileNotFoundError:
+    except (FileNotFoundError, PermissionError):
         raise
     except OSError as exc:
         if exc.errno in NO_ROOM:
@@ -196,7 +159,7 @@ NO_ROOM = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}  # a full disk, a full quota
 
 
 def _final(exc: OSError) -> bool:
-    return isinstance(exc, FileNotFoundError) or exc.errno in NO_ROOM
+    return isinstance(exc, (FileNotFoundError, PermissionError)) or exc.errno in NO_ROOM
 
 
 def publish_checkpoint(

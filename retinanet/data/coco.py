@@ -34,6 +34,7 @@ def load_coco(
     check_images: bool | Literal["exists"] = True,
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     drop_image_ids: Collection[int] = (),
+    listed: Collection[str] | None = None,
 ) -> tuple[dict[str, Any], ValidationReport]:
     """Validate a COCO detection file; return the cleaned COCO dict and the report.
 
@@ -46,7 +47,9 @@ def load_coco(
     full (images.py: orientation, size, max_image_pixels); "exists" only checks that each file exists,
     opening none (one listing per folder: fast at COCO scale, blind to a file's size, format and
     truncation); False looks at no file. drop_image_ids are dropped as they are, unchecked (those a check
-    of the files found bad before).
+    of the files found bad before). listed: with "exists", the names (relative to images_dir, '/'-separated)
+    of the files that exist, for images not in a local folder (an S3 listing); images_dir then only names
+    them in messages.
     """
     if not 0 < max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ValueError(f"max_image_pixels: expected 1 to {MAX_IMAGE_PIXELS}, got {max_image_pixels}")
@@ -61,7 +64,7 @@ def load_coco(
         if checks.images.pop(iid, None) is not None:
             report.dropped_images["dropped as asked"] += 1
     if check_images == "exists":
-        checks.check_image_files_exist(Path(images_dir))
+        checks.check_image_files_exist(images_dir if listed is not None else Path(images_dir), listed=listed)
     elif check_images:
         checks.check_image_files(Path(images_dir), max_image_pixels)
     annotations = checks.check_annotations(data["annotations"])

@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import posixpath
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -199,21 +200,28 @@ class Validator:
                 self.report.dropped_images[error[0]] += 1
                 del self.images[iid]
 
-    def check_image_files_exist(self, images_dir: Path) -> None:
+    def check_image_files_exist(self, images_dir: Path | str, listed: Collection[str] | None = None) -> None:
         """Checks that each kept image's file exists and is a regular file (or a link to one), opening
         none: one listing per folder (os.scandir), not a stat per file; a name missing from its folder's
         listing is looked up once more by itself, so the answer is `Path.is_file`'s on any file system.
-        Size, format and truncation are not checked."""
+        Size, format and truncation are not checked. With listed (the names of the files that exist,
+        relative to images_dir: an object store's listing) no file system is asked."""
         listings: dict[str, set[str] | None] = {}  # folder -> names of its regular files
+        exists = set(listed) if listed is not None else None
         for iid, img in list(self.images.items()):
-            path = images_dir / img["file_name"]
-            folder = str(path.parent)
-            if folder not in listings:
-                listings[folder] = _regular_files(folder)
-            if path.name in (listings[folder] or ()) or path.is_file():
-                continue
-            what = " (a folder of that name)" if path.is_dir() else ""
-            self.problem("file_name", f"image file not found: {path}{what}", image_id=iid)
+            if exists is not None:
+                if posixpath.normpath(img["file_name"]) in exists:
+                    continue
+                where = f"{str(images_dir).rstrip('/')}/{img['file_name']}"
+            else:
+                path = Path(images_dir) / img["file_name"]
+                folder = str(path.parent)
+                if folder not in listings:
+                    listings[folder] = _regular_files(folder)
+                if path.name in (listings[folder] or ()) or path.is_file():
+                    continue
+                where = f"{path}{' (a folder of that name)' if path.is_dir() else ''}"
+            self.problem("file_name", f"image file not found: {where}", image_id=iid)
             self.report.dropped_images[FILE_REASONS[0]] += 1
             del self.images[iid]
 

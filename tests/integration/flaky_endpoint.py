@@ -3,6 +3,7 @@ test_reliability_s3.py): it sits on a fixed 127.0.0.1 port in front of a real se
 
 import socket
 import threading
+import time
 
 from retinaops.cluster.services import free_port
 
@@ -11,7 +12,10 @@ class FlakyEndpoint:
     """An HTTP/1.1 forwarder on a fixed 127.0.0.1 port in front of a real service, to inject faults.
 
     refuse(): the port is closed and open connections are cut (connection refused); fail(pattern):
-    requests whose request line contains pattern get 503; heal(): all is forwarded again, same port.
+    requests whose request line contains pattern get 503; cut(pattern, after, times): the next `times`
+    such requests get the first `after` bytes of the real response (head and a part of the body), then
+    the connection is closed: a transfer broken off midway; slow(pattern, seconds): such requests wait
+    that long first; heal(): all is forwarded again, same port. `seen` lists every request line.
     """
 
     def __init__(self, target_url: str) -> None:
@@ -21,12 +25,17 @@ class FlakyEndpoint:
         self.failing: str | None = None
         self.num_failed = 0
         self.failed: list[str] = []  # the request lines answered 503
+        self.seen: list[str] = []  # every request line, in order
+        self.cuts: list[str] = []  # the request lines whose response was cut short
+        self._cut: tuple[str, int, int] | None = None  # (pattern, bytes let through, cuts left)
+        self._slow: tuple[str, float] | None = None
+        self._lock = threading.Lock()
         self._clients: set[socket.socket] = set()
         self._listener: socket.socket | None = None
         self.heal()
 
     def heal(self) -> None:
-        self.failing = None
+        self.failing, self._cut, self._slow = None, None, None
         if self._listener is None:
             listener = socket.socket()
             listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -46,6 +55,23 @@ class FlakyEndpoint:
     def fail(self, pattern: str = "") -> None:
         self.failing = pattern
 
+    def cut(self, pattern: str, after: int, times: int) -> None:
+        self._cut = (pattern, after, times)
+
+    def slow(self, pattern: str, seconds: float) -> None:
+        self._slow = (pattern, seconds)
+
+    def _take_cut(self, line: str) -> int | None:
+        """Bytes to let through when this request's response is to be cut, else None."""
+        with self._lock:
+            self.seen.append(line)
+            if self._cut is None or self._cut[0] not in line or self._cut[2] <= 0:
+                return None
+            pattern, after, left = self._cut
+            self._cut = (pattern, after, left - 1)
+            self.cuts.append(line)
+            return after
+
     def _accept(self, listener: socket.socket) -> None:
         while True:
             try:
@@ -62,6 +88,11 @@ class FlakyEndpoint:
         try:
             while head := _read_head(reader):
                 line = head.split(b"\r\n", 1)[0].decode("latin-1")
+                if self._slow is not None and self._slow[0] in line:
+                    time.sleep(self._slow[1])
+                if (after := self._take_cut(line)) is not None:
+                    _forward_cut(self.target, head, client, after)  # then this connection is closed
+                    break
                 if self.failing is not None and self.failing in line:
                     self.num_failed += 1
                     self.failed.append(line)
@@ -77,6 +108,16 @@ class FlakyEndpoint:
             self._clients.discard(client)
             for s in (client, upstream):
                 s.close()
+
+
+def _forward_cut(target: tuple[str, int], head: bytes, client: socket.socket, after: int) -> None:
+    """A bodiless request (GET, HEAD) sent on a connection of its own; its response passed on up to
+    `after` bytes."""
+    with socket.create_connection(target) as side:
+        side.sendall(head)
+        while after > 0 and (data := side.recv(min(after, 1 << 16))):
+            client.sendall(data)
+            after -= len(data)
 
 
 def _read_head(reader) -> bytes:

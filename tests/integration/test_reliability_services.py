@@ -6,6 +6,7 @@ process killed; then one Ray run through an MLflow and an S3 outage.
 S3 faults during a checkpoint upload: test_reliability_s3.py.
 """
 
+import hashlib
 import json
 import os
 import re
@@ -174,9 +175,14 @@ def outage_run(own_mlflow, s3_server, ray_head, tiny_run_spec, tmp_path_factory)
     tmp = tmp_path_factory.mktemp("outage")
     direct = boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1", **_keys(s3_server))
     direct.create_bucket(Bucket="reliability-run")
+    data = Path(tiny_run_spec("x")["data"]["root"])  # the session's shapes, on S3 as well
+    for path in (p for p in data.rglob("*") if p.is_file()):
+        direct.upload_file(str(path), "reliability-run", f"data/{path.relative_to(data).as_posix()}")
     endpoint = FlakyEndpoint(s3_server.url)
+    endpoint.cut("GET /reliability-run/data/images/", after=1500, times=8)  # image copies broken midway
     spec = tiny_run_spec(
         "outage",
+        data={"root": "s3://reliability-run/data", "loader_workers": 0},
         scaling={"max_failures": 1},
         tracking={"experiment": EXPERIMENT, "run_name": "ray-outage", "tracking_uri": own_mlflow.url},
         storage={"path": "s3://reliability-run/runs", "endpoint": endpoint.url},
@@ -200,6 +206,7 @@ def outage_run(own_mlflow, s3_server, ray_head, tiny_run_spec, tmp_path_factory)
         lambda: client.search_runs([exp_id], "attributes.run_name = 'ray-outage'"), "the run", proc
     )[0]
     wait_for(lambda: client.get_metric_history(run.info.run_id, "loss"), "epoch 0's metrics", proc)
+    assert len(endpoint.cuts) == 8  # the workers' copy of the images, resumed
     own_mlflow.stop()
     endpoint.fail()
     wait_for(lambda: endpoint.num_failed, "the next checkpoint upload", proc)
@@ -219,7 +226,7 @@ def outage_run(own_mlflow, s3_server, ray_head, tiny_run_spec, tmp_path_factory)
     endpoint.refuse()
     assert proc.returncode == 0, err[-6000:]
     outcome = outcome_of(out)
-    return outcome, out + err, client, run.info.run_id, tmp / "home", direct
+    return outcome, out + err, client, run.info.run_id, tmp / "home", direct, data
 
 
 def _keys(s3_server) -> dict[str, str]:
@@ -230,7 +237,7 @@ def _keys(s3_server) -> dict[str, str]:
 
 
 def test_a_run_through_an_mlflow_and_s3_outage_finishes_with_its_whole_history(outage_run):
-    outcome, logs, client, run_id, home, direct = outage_run
+    outcome, logs, client, run_id, home, direct, _ = outage_run
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and outcome["mlflow_journal"] is None
     for key in ("loss", "AP", "skipped_steps", "latency_ms"):
@@ -246,10 +253,22 @@ def test_a_run_through_an_mlflow_and_s3_outage_finishes_with_its_whole_history(o
     assert folders and all(f"{folder}/manifest.json" in keys for folder in folders)  # none half-visible
 
 
+def test_the_workers_copy_of_the_s3_data_survived_broken_transfers_byte_for_byte(outage_run):
+    """The run read its data from S3 through transfers broken off midway: the images the workers copied
+    into the node's data cache have the SHA-256 of the originals, and no part file is left."""
+    *_, home, _, data = outage_run
+    (copy,) = [p for p in (home / "cache").glob("reliability-run-*") if (p / "images").is_dir()]
+    copied = {p.relative_to(copy).as_posix(): p for p in copy.rglob("*") if p.is_file()}
+    images = {p.relative_to(data).as_posix(): p for p in (data / "images").iterdir()}
+    assert set(copied) == {*images, ".verified.json"}
+    digest = lambda path: hashlib.sha256(path.read_bytes()).hexdigest()  # noqa: E731
+    assert all(digest(copied[name]) == digest(path) for name, path in images.items())
+
+
 def test_no_secret_reaches_mlflow_the_logs_or_the_stored_run(outage_run, own_mlflow, stack, tmp_path):
     """The fake AWS keys and MLflow credentials of the run's environment and the cluster's token appear in
     no MLflow param, tag, metric or artifact (the resolved spec included), no log and no stored object."""
-    outcome, logs, client, run_id, home, direct = outage_run
+    outcome, logs, client, run_id, home, direct, _ = outage_run
     secrets = {**SECRETS, "RAY_AUTH_TOKEN": (stack.home / "auth_token").read_text().strip()}
     run = client.get_run(run_id)
     texts = {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -196,6 +197,7 @@ def test_evaluate_writes_coco_results_with_original_ids_and_prints_json(
     gt = json.loads((synth_dir / "val.json").read_text())
     metrics = json.loads(out)
     per_class = metrics.pop("per_class")
+    assert metrics.pop("unread_images") == 0  # every image's file read: no AP_readable either
     assert set(metrics) == {"AP", "AP50", "AP75", "APs", "APm", "APl", "AP_lo", "AP_hi"}
     assert all(0.0 <= v <= 1.0 for v in metrics.values())
     assert metrics["AP_lo"] <= metrics["AP"] <= metrics["AP_hi"]
@@ -212,6 +214,22 @@ def test_evaluate_writes_coco_results_with_original_ids_and_prints_json(
 
 
 @pytest.mark.slow  # runs a real ResNet-18 RetinaNet on CPU
+def test_evaluate_scores_ap_against_the_whole_file_and_counts_an_image_whose_file_is_gone(
+    synth_dir: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    gt = json.loads((data / "val.json").read_text())
+    (data / gt["images"][0]["file_name"]).unlink()
+    argv = ["evaluate", "--checkpoint", str(checkpoint), "--data", str(data), "--split", "val"]
+    code, out, _ = run([*argv, "--json", "--device", "cpu"], capsys)
+    assert code == 0
+    metrics = json.loads(out)
+    assert metrics["unread_images"] == 1 and 0.0 <= metrics["AP_readable"] <= 1.0
+    code, out, _ = run([*argv, "--device", "cpu"], capsys)
+    assert "unread images" in out and "AP of the rest" in out
+
+
 def test_evaluate_prints_a_table(
     synth_dir: Path, checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

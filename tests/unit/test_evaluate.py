@@ -11,6 +11,7 @@ from retinanet.evaluate import (
     class_metric_names,
     coco_ap,
     coco_eval,
+    coco_eval_unread,
     evaluate,
     measure_latency,
     predict_dataset,
@@ -122,6 +123,21 @@ def test_ap_comes_with_a_bootstrap_interval_around_it() -> None:
     metrics = coco_ap(gt, results)
     assert metrics["AP_lo"] < metrics["AP"] < metrics["AP_hi"]
     assert coco_ap(gt, results) == metrics  # seeded: the same interval every time
+
+
+def test_an_unread_image_counts_as_one_without_detections_and_ap_readable_leaves_it_out() -> None:
+    """Two images, each with one box of category 3; the detector finds image 7's box exactly; image 8's file
+    could not be read, so it has no detections: COCO's AP over the file counts its box as missed."""
+    gt = make_gt([{"id": 1, "image_id": 7, "category_id": 3, "bbox": GT_BOX_A, "area": 1600.0, "iscrowd": 0}])
+    gt["images"].append({"id": 8, "width": 100, "height": 100, "file_name": "b.png"})
+    gt["annotations"].append({"id": 2, "image_id": 8, "category_id": 3, "bbox": GT_BOX_A, "iscrowd": 0})
+    results = [result(3, GT_BOX_A)]
+    metrics, _ = coco_eval_unread(gt, results, unread={8})
+    assert metrics["unread_images"] == 1.0
+    assert metrics["AP_readable"] == pytest.approx(1.0)
+    assert metrics["AP"] == pytest.approx(coco_ap(gt, results)["AP"]) and metrics["AP"] < 0.6  # recall 1/2
+    none_unread, _ = coco_eval_unread(make_gt(), [result(3, GT_BOX_A), result(9, GT_BOX_B)], unread=())
+    assert none_unread["unread_images"] == 0.0 and "AP_readable" not in none_unread
 
 
 def test_class_metric_names_are_safe_mlflow_keys_and_unique() -> None:

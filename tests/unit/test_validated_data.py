@@ -139,3 +139,41 @@ def test_a_node_without_the_drivers_cache_makes_the_same_description_unchecked_o
         ValueError, match=r"content does not match the digest in its name \(.*train.json changed"
     ):
         validated_coco(job.data, "train", tmp_path / "cache", None)
+
+
+def test_evaluation_scores_ap_against_the_whole_annotation_file_and_counts_the_images_it_could_not_read(
+    tmp_path,
+):
+    """One val image's file is gone before the data check (the driver drops it), another is truncated after
+    it: evaluation reads neither, crashes on neither, and scores AP against every image of val.json."""
+    from retinanet import RetinaNet, RetinaNetConfig
+    from retinanet.data import CocoDataset
+    from retinaops.job.data import original_ground_truth
+    from retinaops.run.evaluation import evaluate_distributed
+
+    root = make_synthetic_coco(tmp_path / "shapes", num_train=2, num_val=4, num_classes=2, image_size=64)
+    images = json.loads((root / "val.json").read_text())["images"]
+    (root / images[0]["file_name"]).unlink()
+    job, summary = resolve(tmp_path, root)
+    assert summary["val"]["dropped_files"] == 1
+    late = root / images[1]["file_name"]
+    late.write_bytes(late.read_bytes()[:100])
+    val = CocoDataset.from_coco(read_validated(job.data.val_validated), root, source=root / "val.json")
+    truth = original_ground_truth(job.data, tmp_path / "cache", None)
+    assert len(truth["images"]) == 4 and len(val) == 3
+    model = RetinaNet(RetinaNetConfig(backbone="resnet18", num_classes=2, min_size=64, max_size=64))
+    metrics, _, results = evaluate_distributed(
+        model,
+        val,
+        rank=0,
+        world=1,
+        batch_size=2,
+        device=torch.device("cpu"),
+        max_images=None,
+        ground_truth=truth,
+    )
+    assert metrics["unread_images"] == 2.0 and 0.0 <= metrics["AP_readable"] <= 1.0
+    assert {r["image_id"] for r in results} <= {im["id"] for im in images[2:]}
+    clean = make_synthetic_coco(tmp_path / "clean", num_train=2, num_val=2, num_classes=2, image_size=64)
+    clean_job, _ = resolve(tmp_path / "b", clean)
+    assert original_ground_truth(clean_job.data, tmp_path, None) is None  # nothing dropped: the validated one

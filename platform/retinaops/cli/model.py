@@ -237,7 +237,7 @@ def add_evaluate_args(parser: argparse.ArgumentParser) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from retinanet.ap_interval import interval_text
     from retinanet.data.coco import CocoDataset
-    from retinanet.evaluate import CLASS_PREFIX, METRIC_NAMES, class_metric_names, coco_ap, predict_dataset
+    from retinanet.evaluate import CLASS_PREFIX, METRIC_NAMES, class_metric_names, dataset_ap, predict_dataset
 
     _checkpoint_file(args)  # --model: download it first
     _existing_file(args.checkpoint, "--checkpoint")  # fail before spending time on the data
@@ -256,14 +256,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     )
     if args.out:
         _write_json(Path(args.out), results)
-    metrics = coco_ap(dataset.coco, results)
+    metrics = dataset_ap(dataset, results)  # against the whole annotation file, as COCO defines AP
     # A class without ground truth has no AP: null in JSON, "-" in the table (never 0 or -1).
     keys = class_metric_names(dataset.coco["categories"])
     per_class = {
         name: metrics.get(CLASS_PREFIX + keys[cid])
         for cid, name in zip(dataset.category_ids, dataset.class_names, strict=True)
     }
-    summary = {k: metrics[k] for k in (*METRIC_NAMES, "AP_lo", "AP_hi")}
+    summary = {
+        k: metrics[k]
+        for k in (*METRIC_NAMES, "AP_lo", "AP_hi", "unread_images", "AP_readable")
+        if k in metrics
+    }
     if args.json:
         print(json.dumps({**summary, "per_class": per_class}))
         return 0
@@ -272,6 +276,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     interval = (metrics["AP_lo"], metrics["AP_hi"])
     rows: dict[str, Any] = {k: metrics[k] for k in METRIC_NAMES}
     rows["AP"] = f"{interval_text(metrics['AP'], interval)}  (95% bootstrap interval over the images)"
+    if metrics["unread_images"]:  # their files are missing or bad: no detections, as COCO counts them
+        rows |= {"unread images": int(metrics["unread_images"]), "AP of the rest": metrics["AP_readable"]}
     _print_table(rows)
     width = max(len("class"), *(len(name) for name in per_class))
     print(f"\n{'class':<{width}}  AP")

@@ -23,7 +23,8 @@ from typing import Any
 
 from retinaops.job.paths import SpecError
 from retinaops.job.spec import JobSpec
-from retinaops.storage import is_s3, materialize
+from retinaops.s3data import list_objects, materialize
+from retinaops.storage import is_s3
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +78,9 @@ class DataSplits:
 
 def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> tuple[DataSplits, dict]:
     """The spec's data, checked (local paths of the spec already absolute) -> (splits, summary per split:
-    images, annotations, dropped). s3:// data is copied into cache_dir to be read."""
+    images, annotations, dropped). s3:// annotation files are copied into cache_dir to be read; of s3://
+    images only the listing is read, no image byte: an image is then checked to exist (a file that does
+    not decode is a counted skip in training and an unread image in evaluation)."""
     _generate_if_asked(spec)
     check_data_paths(spec)
     found: dict[str, str] = {}
@@ -85,19 +88,26 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
         where = spec.data.split(split)
         found |= {f"{split}_annotations": where.annotations, f"{split}_images": where.images}
     located = {k: v if is_s3(v) else str(Path(v).expanduser().resolve()) for k, v in found.items()}
-    local = {k: materialize(v, cache_dir, endpoint) for k, v in located.items()}
+    # Annotation files are read here; s3:// images are only listed (workers copy them), local ones checked.
+    local = {k: materialize(v, cache_dir, endpoint) for k, v in located.items() if k.endswith("_annotations")}
     summary, cocos, validated, dropped = {}, [], {}, []
     for split in SPLITS:
         from retinanet.data import load_coco
 
-        quick = split == "train" and spec.data.check_train_images == "exists"  # evaluation skips no image
+        images = located[f"{split}_images"]
+        listed = set(list_objects(images, endpoint)) if is_s3(images) else None
+        quick = listed is not None or (split == "train" and spec.data.check_train_images == "exists")
         coco, report = load_coco(
             local[f"{split}_annotations"],
-            local[f"{split}_images"],
+            images,
             strict=spec.data.strict,
             check_images="exists" if quick else True,
             max_image_pixels=spec.data.max_image_pixels,
+            listed=listed,
         )
+        if is_s3(located[f"{split}_annotations"]):  # name the file as the spec does, not its cached copy
+            for problem in report.problems:
+                problem.file = located[f"{split}_annotations"]
         if not coco["images"]:
             problem = f"data.{split}: {local[f'{split}_annotations']} has no usable images"
             raise SpecError(spec.source, [problem])
@@ -167,6 +177,21 @@ def validated_coco(
     coco, _ = load_coco(annotations, "", check_images=False, drop_image_ids=drop)
     _check_digest(json.dumps(coco, separators=(",", ":")).encode(), path, f"{annotations} changed since")
     return coco
+
+
+def original_ground_truth(
+    data: DataSplits, cache_dir: str | Path, endpoint: str | None
+) -> dict[str, Any] | None:
+    """The val split as its annotation file has it, for AP as COCO defines it: the images the driver
+    dropped for their file included (evaluation counts them as images without detections); only the records
+    no evaluator can read (load_coco's record checks) left out. None when no val image was dropped: the
+    validated split is that already."""
+    if not data.val_dropped_ids:
+        return None
+    from retinanet.data import load_coco
+
+    annotations = materialize(data.val_annotations, cache_dir, endpoint)
+    return load_coco(annotations, "", check_images=False)[0]
 
 
 def _check_digest(body: bytes, path: Path, why: str) -> None:

@@ -9,7 +9,7 @@ The driver checks it fits the job's model before Ray starts; each worker then lo
 from __future__ import annotations
 
 from retinaops.job.paths import SpecError
-from retinaops.storage import materialize
+from retinaops.s3data import materialize
 
 FIELD = "train.init_from"
 

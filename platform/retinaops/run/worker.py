@@ -28,7 +28,7 @@ from retinanet.data import CocoDataset, collate
 from retinanet.data.skip import SkipBadSamples
 from retinanet.evaluate import measure_latency
 from retinaops.job.augment import build_augment
-from retinaops.job.data import SPLITS, validated_coco
+from retinaops.job.data import SPLITS, original_ground_truth, validated_coco
 from retinaops.job.init_weights import load_init_weights
 from retinaops.job.resolved import Job
 from retinaops.job.spec import JobSpec
@@ -46,10 +46,8 @@ from retinaops.run.state import (
     save_state,
     upload_checkpoint,
 )
-from retinaops.storage import (
-    materialize,
-    write_manifest,
-)
+from retinaops.s3data import materialize
+from retinaops.storage import write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -130,15 +128,19 @@ def _amp_settings(spec: JobSpec, device: torch.device) -> tuple[torch.dtype | No
 
 def load_datasets(job: Job, rank: int = 0):
     """Train and val datasets from the driver's validated description of each split (job.data's
-    *_validated files, `validated_coco`: nothing is checked again), images local (s3:// copied into the data
-    cache). Only train is augmented; its transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
+    *_validated files, `validated_coco`: nothing is checked again), images local (of s3:// data, the
+    split's images copied into the node's data cache: `s3data.materialize`). Only train is augmented; its
+    transform is an `Augment` seeded from train.seed and rank (set_epoch it)."""
     where, d = job.where, job.spec.data
     datasets = []
     for split in SPLITS:
-        images = materialize(getattr(job.data, f"{split}_images"), where.data_cache, where.storage_endpoint)
+        coco = validated_coco(job.data, split, where.data_cache, where.storage_endpoint)
+        uri = getattr(job.data, f"{split}_images")
+        names = [image["file_name"] for image in coco["images"]]
+        images = materialize(uri, where.data_cache, where.storage_endpoint, names=names)
         datasets.append(
             CocoDataset.from_coco(
-                validated_coco(job.data, split, where.data_cache, where.storage_endpoint),
+                coco,
                 images,
                 source=getattr(job.data, f"{split}_annotations"),
                 max_image_pixels=d.max_image_pixels,
@@ -176,6 +178,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     _seed_everything(t.seed * 1000 + rank)
 
     train_ds, val_ds = load_datasets(job, rank)
+    # AP as COCO defines it: against the annotation file, the val images the driver dropped included.
+    val_truth = (
+        original_ground_truth(job.data, job.where.data_cache, job.where.storage_endpoint)
+        if rank == 0
+        else None
+    )
     ddp_model = ray.train.torch.prepare_model(build_model(job, device, world))
     net: RetinaNet = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     net.resize_in_training = spec.data.augment.resize is None  # multi-scale images come resized
@@ -290,6 +298,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 batch_size=t.batch_size,
                 device=device,
                 max_images=t.eval_max_images,
+                ground_truth=val_truth,
             )
             spans.mark("eval")
             if rank == 0:

@@ -5,6 +5,7 @@ picture of detections on validation images. `log_evaluation` logs them, for trai
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,8 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def plot_pr_curve(evaluation: dict[str, Any], out: Path) -> Path:
@@ -45,22 +48,30 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
     from retinanet.data import CocoDataset
     from retinanet.draw import draw_detections
     from retinaops.job.data import read_validated
-    from retinaops.storage import materialize
+    from retinaops.s3data import materialize
 
     data = job.data  # a retinaops.job.resolved.Job
-    cache = Path(model_file).parent
-    endpoint = job.where.storage_endpoint
-    dataset = CocoDataset.from_coco(  # the driver's validated val split: no file it dropped
-        read_validated(data.val_validated),
-        materialize(data.val_images, cache, endpoint),
-        source=data.val_annotations,
+    coco = read_validated(data.val_validated)  # the driver's validated val split: no file it dropped
+    first = sorted(coco["images"], key=lambda image: image["id"])[:count]
+    images = materialize(  # of s3:// data, only these files
+        data.val_images,
+        job.where.data_cache,
+        job.where.storage_endpoint,
+        names=[i["file_name"] for i in first],
     )
+    ids = {image["id"] for image in first}
+    drawn = {**coco, "images": first, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    dataset = CocoDataset.from_coco(drawn, images, source=data.val_annotations)
     model = RetinaNet.load(model_file).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     with torch.inference_mode():
-        for i in range(min(count, len(dataset))):
-            image, target = dataset[i]
+        for i in range(len(dataset)):
+            try:
+                image, target = dataset[i]
+            except ValueError as exc:  # gone bad since the data check: drawn without it
+                logger.warning("sample drawings: %s", exc)
+                continue
             detections = model([image])[0]
             path = out_dir / f"val_{target['image_id']}.png"
             draw_detections(image, detections, job.data.class_names).save(path)
