@@ -49,11 +49,36 @@ bench-learn: $(STAMP)
 bench-coco: $(STAMP)
 	$(PY) -m benchmarks.coco_scale
 
+# S3 data copied to a node: a pool of threads against one object at a time, and a copy found in place, from
+# the local stack's S3 endpoint (~1 minute on 2 cores): a section of benchmarks/RESULTS.md
+.PHONY: bench-s3
+bench-s3: $(STAMP)
+	$(PY) -m benchmarks.s3_copy
+
 # Where a `retinaops train` run's time goes, per worker layout, beside the bare train step of the same model
 # (~5 minutes on 2 quiet cores): benchmarks/E2E.md + E2E.png + E2E.json
 .PHONY: bench-e2e
 bench-e2e: $(STAMP)
 	$(PY) -m benchmarks.e2e
+
+# The demo sweep's wall time split into training and overhead, one trial at a time, evaluating every epoch
+# (before) and only at ASHA's rungs (after) (~25 minutes on 2 quiet cores, estimated): benchmarks/SWEEP.md +
+# sweep_overhead.json
+.PHONY: bench-sweep
+bench-sweep: $(STAMP)
+	$(PY) -m benchmarks.sweep_overhead --variants --epochs 6 --steps 10
+
+# On a CUDA GPU: one `retinaops train` of R50 at 800 px in bf16 on generated JPEGs beside the bare step, GPU
+# utilisation and memory (~3 minutes on an H100): a section of benchmarks/GPU_RESULTS.md; its files in $OUT if set
+.PHONY: bench-gpu-e2e
+bench-gpu-e2e: $(STAMP)
+	$(PY) -m benchmarks.gpu_e2e $(if $(OUT),--out-dir $(OUT))
+
+# Decode + augment images/s per core for 800 px JPEGs (PIL vs decode_jpeg, DataLoader workers) and the cores a
+# GPU at 187 images/s needs (~1 minute on 2 quiet cores): benchmarks/INPUT.md + input_pipeline.json
+.PHONY: bench-input
+bench-input: $(STAMP)
+	$(PY) -m benchmarks.input_pipeline
 
 demo: $(STAMP)
 	RETINAOPS_HOME=$(HOME_DIR) $(VENV)/bin/retinaops demo

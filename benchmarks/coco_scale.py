@@ -43,24 +43,25 @@ LOAD_STEPS = {
 }
 
 
-def section(text: str) -> str | None:
-    """The coco-scale section of a RESULTS.md text, markers included; None when it has none."""
-    match = re.search(re.escape(START) + ".*?" + re.escape(END), text, flags=re.S)
+def section(text: str, markers: tuple[str, str] = (START, END)) -> str | None:
+    """The coco-scale section (or the one between other markers) of a RESULTS.md text, markers included;
+    None when it has none."""
+    match = re.search(re.escape(markers[0]) + ".*?" + re.escape(markers[1]), text, flags=re.S)
     return match.group(0) if match else None
 
 
-def with_section(text: str, new: str) -> str:
-    """text with its coco-scale section replaced by new (appended when it has none)."""
-    old = section(text)
+def with_section(text: str, new: str, markers: tuple[str, str] = (START, END)) -> str:
+    """text with its coco-scale section (or the one between markers) replaced by new (appended when it has none)."""
+    old = section(text, markers)
     if old:
         return text.replace(old, new)
     return (text.rstrip("\n") + "\n\n" if text.strip() else "") + new + "\n"
 
 
-def carry_section(path: Path, text: str) -> str:
+def carry_section(path: Path, text: str, markers: tuple[str, str] = (START, END)) -> str:
     """text (a RESULTS.md that benchmarks.run made anew) with the section the file at path has, if any."""
-    old = section(path.read_text()) if path.is_file() else None
-    return with_section(text, old) if old else text
+    old = section(path.read_text(), markers) if path.is_file() else None
+    return with_section(text, old, markers) if old else text
 
 
 # ---- one measured step, in a fresh process -----------------------------------------------------

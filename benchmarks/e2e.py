@@ -12,6 +12,7 @@ optimizer on batches already decoded in memory, with as many threads as the run 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -19,9 +20,14 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from retinaops.run.spans import SPANS
+
+if TYPE_CHECKING:
+    import torch
+
+    from retinaops.job.resolved import Job
 
 REPO = Path(__file__).resolve().parents[1]
 # What the stacked bars show, in order: the spans of the epochs, what the driver saw beyond them.
@@ -69,30 +75,38 @@ def overrides(args: argparse.Namespace, work: Path) -> list[str]:
     return [f"data.root={work / 'data'}", f"train.epochs={args.epochs}", *(TINY if args.tiny else [])]
 
 
-def run_layout(args: argparse.Namespace, work: Path, workers: int, threads: int) -> dict[str, Any]:
-    """One `retinaops train` with that layout: the command's wall time and its run's epochs."""
+def train_run(spec: str, sets: list[str], env: dict[str, str], label: str) -> dict[str, Any]:
+    """One `retinaops train --json` of spec with `--set`s, started with env exactly: the command's wall time,
+    its MLflow run id and its epochs' `time_*_s` spans, `train_images` and `images_per_s`, read back from the
+    tracking server the run used (Settings.from_env(env)'s)."""
     from mlflow import MlflowClient
 
-    home = work / f"home-{workers}x{threads}"
-    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    env |= {"RETINAOPS_HOME": str(home), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    sets = [*overrides(args, work), f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}"]
-    command = [sys.executable, "-m", "retinaops.cli", "train", args.spec, "--json"]
+    from retinaops.job.settings import Settings
+
+    command = [sys.executable, "-m", "retinaops.cli", "train", spec, "--json"]
     command += [arg for value in sets for arg in ("--set", value)]
     started = time.perf_counter()
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if done.returncode != 0:
-        raise SystemExit(
-            f"benchmarks.e2e: retinaops train ({workers}x{threads}) failed:\n{done.stderr[-3000:]}"
-        )
+        raise SystemExit(f"benchmarks: retinaops train ({label}) failed:\n{done.stderr[-3000:]}")
     outcome = json.loads(next(line for line in reversed(done.stdout.splitlines()) if line.startswith("{")))
-    client = MlflowClient(f"sqlite:///{home}/mlflow.db")
+    client = MlflowClient(Settings.from_env(env, cwd=REPO).tracking_uri)
     keys = [f"time_{name}_s" for name in (*SPANS, "wall", "other")] + ["train_images", "images_per_s"]
     history = {key: client.get_metric_history(outcome["run_id"], key) for key in keys}
     epochs = sorted({m.step for m in history["time_wall_s"]})
     per_epoch = [{key: next(m.value for m in history[key] if m.step == e) for key in keys} for e in epochs]
-    return {"workers": workers, "threads": threads, "command_wall_s": wall, "epochs": per_epoch}
+    return {"command_wall_s": wall, "run_id": outcome["run_id"], "epochs": per_epoch}
+
+
+def run_layout(args: argparse.Namespace, work: Path, workers: int, threads: int) -> dict[str, Any]:
+    """One `retinaops train` with that layout on embedded Ray and MLflow: the command's wall time and its run's epochs."""
+    home = work / f"home-{workers}x{threads}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    env |= {"RETINAOPS_HOME": str(home), "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    sets = [*overrides(args, work), f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={threads}"]
+    run = train_run(args.spec, sets, env, f"{workers}x{threads}")
+    return {"workers": workers, "threads": threads, **run}
 
 
 def breakdown(run: dict[str, Any]) -> dict[str, float]:
@@ -117,51 +131,69 @@ def breakdown(run: dict[str, Any]) -> dict[str, float]:
 
 
 def bare_step(args: argparse.Namespace, work: Path, threads: int) -> dict[str, Any]:
-    """The train step of the run's model, batch and optimizer (worker.py's, without Ray, DDP or a data loader)
-    on batches decoded beforehand, `threads` torch threads: images/s over --steps steps after a warm-up pass."""
+    """time_step of the run's job on the CPU, with `threads` torch threads."""
     import torch
 
-    from retinanet.data import CocoDataset, collate
     from retinaops.job.resolved import resolve_job
     from retinaops.job.settings import Settings
     from retinaops.job.spec import load_spec
-    from retinaops.run.worker import build_model, build_optimizer
 
     settings = Settings.from_env({"RETINAOPS_HOME": str(work / "bare-home")})
     job, _ = resolve_job(load_spec(args.spec, overrides(args, work)), settings, cwd=REPO)
+    return time_step(job, steps=args.steps, threads=threads, device=torch.device("cpu"))
+
+
+def time_step(job: Job, *, steps: int, threads: int, device: torch.device) -> dict[str, Any]:
+    """The train step of the job's model, batch, optimizer, precision and memory layout (worker.py's, without
+    Ray, DDP or a data loader) on batches decoded beforehand and already on `device`, `threads` torch threads:
+    images/s over `steps` steps after a warm-up pass; on a GPU also the peak of torch's allocated memory.
+    fp16's grad scaler is left out: bf16 and fp32 steps are the worker's own."""
+    import torch
+
+    from retinanet.data import CocoDataset, collate
+    from retinaops.run.worker import _amp_settings, build_model, build_optimizer
+
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = build_model(job, torch.device("cpu"))
+    model = build_model(job, device).to(device)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(params, job.spec)
+    amp_dtype, _ = _amp_settings(job.spec, device)
     data = CocoDataset.from_dir(job.spec.data.root, "train", check_images=False)
     batch = job.train.batch_size
-    batches = [
-        collate([data[i] for i in range(k * batch, (k + 1) * batch)])
-        for k in range(min(4, len(data) // batch))
-    ]
+    batches = []
+    for k in range(min(4, len(data) // batch)):
+        images, targets = collate([data[i] for i in range(k * batch, (k + 1) * batch)])
+        targets = [{key: v.to(device) if torch.is_tensor(v) else v for key, v in t.items()} for t in targets]
+        batches.append(([image.to(device) for image in images], targets))  # as the worker's loader gives them
 
     def step(images, targets) -> None:
-        losses = model(images, targets)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            losses = model(images, targets)
         optimizer.zero_grad(set_to_none=True)
         (losses["classification"] + losses["bbox_regression"]).backward()
         if job.train.clip_grad_norm:
             torch.nn.utils.clip_grad_norm_(params, job.train.clip_grad_norm)
         optimizer.step()
 
+    def synced() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
     for images, targets in [*batches, batches[0]]:  # warm-up: every batch shape once (oneDNN's first calls)
         step(images, targets)
-    started = time.perf_counter()
-    for k in range(args.steps):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = synced()
+    for k in range(steps):
         step(*batches[k % len(batches)])
-    seconds = time.perf_counter() - started
-    return {
-        "threads": threads,
-        "batch": batch,
-        "steps": args.steps,
-        "images_per_s": batch * args.steps / seconds,
-    }
+    seconds = synced() - started
+    result = {"threads": threads, "batch": batch, "steps": steps, "images_per_s": batch * steps / seconds}
+    if device.type == "cuda":
+        result["peak_allocated_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
+    return result
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:

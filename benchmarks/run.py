@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING
 
 from benchmarks.coco_scale import carry_section
 from benchmarks.report import render
+from benchmarks.s3_copy import MARKERS as S3_COPY_MARKERS
 from benchmarks.timing import (
     geomean,
     load_average,
@@ -250,8 +251,9 @@ def drive(args: argparse.Namespace) -> dict:
         # Written after every case: a long run interrupted still leaves what it measured.
         out_json.parent.mkdir(parents=True, exist_ok=True)
         out_json.write_text(json.dumps(results, indent=1))
-        # benchmarks.coco_scale writes a section of its own into this file: it is kept.
-        args.out.write_text(carry_section(args.out, render(results, json_name=out_json.name)))
+        # benchmarks.coco_scale and benchmarks.s3_copy write sections of their own into this file: kept.
+        text = carry_section(args.out, render(results, json_name=out_json.name))
+        args.out.write_text(carry_section(args.out, text, S3_COPY_MARKERS))
         logger.info("case %s done in %.0f s", name, results["cases"][name]["wall_s"])
     return results
 

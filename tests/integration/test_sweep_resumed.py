@@ -26,6 +26,7 @@ def resume_spec(shapes) -> dict:
     spec = sweep_spec(shapes)
     spec["name"] = "sweep-resume"
     spec["model"]["max_size"] = max(SIZES)  # every candidate min_size must be valid
+    spec["train"]["epochs"] = 4  # ASHA's rungs at epochs 1 and 2: the trials evaluate after 1, 2 and 4
     spec["tracking"]["experiment"] = RESUME_EXPERIMENT
     spec["storage"]["path"] = "s3://checkpoints/it-sweep-resume"
     spec["sweep"] = {
@@ -126,14 +127,17 @@ def test_resume_completes_the_sweep_without_running_the_finished_trial_again(res
     for c in kept:
         steps = [m.step for m in client.get_metric_history(c.info.run_id, "latency_ms")]
         assert len(steps) == len(set(steps)), (c.info.run_name, steps)  # no epoch logged twice
-    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "AP")) == [0, 1]
+    # Evaluated only at ASHA's rungs and at the end (sweep.scheduler.eval_at_rungs): MLflow steps are epochs.
+    assert first.data.params["train.eval_epochs"] == "[1, 2, 4]"
+    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "AP")) == [0, 1, 3]
+    assert sorted(m.step for m in client.get_metric_history(first.info.run_id, "loss")) == [0, 1, 2, 3]
 
 
 def test_asha_stops_the_slow_trial_after_its_first_epoch_and_keeps_its_model(resumed, client):
     rows = {int(r["params"]["model.min_size"]): r for r in resumed["outcome"]["trials"]}
     slow = client.get_run(rows[512]["run_id"])
     assert slow.info.status == "FINISHED" and slow.data.tags["stopped_early"] == "after epoch 0"
-    assert [m.step for m in client.get_metric_history(slow.info.run_id, "latency_ms")] == [0]  # of 2 epochs
+    assert [m.step for m in client.get_metric_history(slow.info.run_id, "latency_ms")] == [0]  # of 4 epochs
     assert (
         slow.data.metrics["latency_ms"] > client.get_run(rows[128]["run_id"]).data.metrics["model_latency_ms"]
     )

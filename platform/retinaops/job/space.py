@@ -6,6 +6,7 @@ that each key of `space` names a spec field and that each candidate value gives 
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -102,6 +103,27 @@ class SchedulerSpec(Section):
     type: Literal["none", "asha"] = Field("asha", description="Early stopping of poor trials: none or ASHA.")
     grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor trials per rung.")
+    eval_at_rungs: bool = Field(
+        True,
+        description="ASHA: trials evaluate only at its rungs and their last epoch (not every train.eval_every).",
+    )
+
+    def rung_epochs(self, max_t: int) -> list[int]:
+        """The epochs done after which ASHA over max_t epochs ranks a trial: each milestone grace_period *
+        reduction_factor**k as the first whole epoch to reach it (Ray's _Bracket, one bracket, in
+        ray/tune/schedulers/async_hyperband.py)."""
+        # Ray's count of rungs, in the same floats. Rounding could only add or drop a milestone equal to
+        # max_t, which a trial's last epoch evaluates anyway.
+        num_rungs = int(math.log(max_t / self.grace_period) / math.log(self.reduction_factor) + 1)
+        return sorted({math.ceil(self.grace_period * self.reduction_factor**k) for k in range(num_rungs)})
+
+    def eval_epochs(self, max_t: int, epochs: int) -> list[int] | None:
+        """train.eval_epochs of a trial of `epochs` epochs under this scheduler over max_t (the sweep's
+        train.epochs): the rungs it reaches and its last epoch. None (every train.eval_every) without ASHA
+        or with eval_at_rungs off."""
+        if self.type != "asha" or not self.eval_at_rungs:
+            return None
+        return sorted({e for e in self.rung_epochs(max_t) if e <= epochs} | {epochs})
 
 
 class SweepSpec(Section):

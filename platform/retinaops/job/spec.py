@@ -159,6 +159,9 @@ class TrainSpec(Section):
         description="Fine-tune: start from the weights of a model.pt of an earlier run (local or s3://).",
     )
     eval_every: int = Field(1, ge=1, description="COCO AP on val every this many epochs (and the last).")
+    eval_epochs: list[int] | None = Field(
+        None, description="COCO AP after these epochs (1-based) and the last instead; a sweep's ASHA sets it."
+    )
     checkpoint_every: int = Field(1, ge=1, description="Checkpoint every this many epochs (and the last).")
     keep_checkpoints: int = Field(2, ge=1, description="Best checkpoints kept by AP; the latest is kept too.")
     max_nonfinite_steps: int = Field(10, ge=1, description="Abort after this many NaN/inf losses in a row.")
@@ -168,12 +171,16 @@ class TrainSpec(Section):
     log_every_steps: int = Field(10, ge=0, description="loss_step to MLflow, progress every N steps; 0: off.")
 
     @model_validator(mode="after")
-    def _milestones(self) -> TrainSpec:
-        m, epochs = self.milestones, self.epochs
-        increasing = all(0 < x <= epochs for x in m) and all(a < b for a, b in zip(m, m[1:], strict=False))
-        if self.schedule == "step" and not increasing:
-            message = f"expected strictly increasing epochs in (0, {epochs}], got {m}"
-            raise_issues([Issue(("milestones",), message)])
+    def _epoch_lists(self) -> TrainSpec:
+        epochs, issues = self.epochs, []
+        checked = {"milestones": self.milestones} if self.schedule == "step" else {}
+        if self.eval_epochs is not None:
+            checked["eval_epochs"] = self.eval_epochs
+        for name, m in checked.items():
+            if not (all(0 < x <= epochs for x in m) and all(a < b for a, b in zip(m, m[1:], strict=False))):
+                message = f"expected strictly increasing epochs in (0, {epochs}], got {m}"
+                issues.append(Issue((name,), message))
+        raise_issues(issues)
         return self
 
 

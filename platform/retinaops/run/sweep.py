@@ -55,9 +55,10 @@ logger = logging.getLogger(__name__)
 # The trial function only waits on its TorchTrainer, whose workers hold the trial's CPUs and GPUs. Tune
 # wants a non-empty bundle and any CPU share would keep the last trial's worker out: one byte of memory.
 TRIAL_DRIVER_RESOURCES = {"CPU": 0, "memory": 1}
-# Epochs between evaluations (train.eval_every > 1) report no AP: the scheduler and the search wait for
-# the next report that has it instead of failing the trial. Tune reads this switch from the environment
-# only (ray/tune/execution/tune_controller.py, _validate_result_metrics), for the length of fit().
+# Epochs between evaluations (at ASHA's rungs: train.eval_epochs; train.eval_every > 1) report no AP: the
+# scheduler and the search wait for the next report that has it instead of failing the trial. Tune reads
+# this switch from the environment only (ray/tune/execution/tune_controller.py, _validate_result_metrics),
+# for the length of fit().
 LENIENT_METRICS = ScopedEnviron({"TUNE_DISABLE_STRICT_METRIC_CHECKING": "1"})
 TIME_ATTR = "epochs_done"  # ASHA's clock (ResumableASHA sets it from each report's epoch)
 

@@ -86,7 +86,7 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     if existing is not None:
         tracker.set_status(run_id, "RUNNING")
     try:
-        job = base.with_overrides(sweep.trial_overrides(sampled))
+        job = trial_job(base, sampled)
         what = trial_note(job, context.sweep_name, trial_id, sampled)
         if existing is None:
             tracker.log_params(run_id, job.params())
@@ -114,6 +114,18 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         raise
     prune_orphan_checkpoints(result)
     finish_trial(tracker, run_id, job, *model_checkpoint(result), what=what)
+
+
+def trial_job(base: Job, sampled: dict[str, Any]) -> Job:
+    """The sweep's job with a trial's sampled values; under ASHA (sweep.scheduler.eval_at_rungs) it
+    evaluates only after the epochs where ASHA ranks it, and its last (train.eval_epochs)."""
+    sweep = base.spec.sweep
+    values = sweep.trial_overrides(sampled)
+    epochs = values.get("train.epochs", base.spec.train.epochs)
+    eval_epochs = sweep.scheduler.eval_epochs(base.spec.train.epochs, epochs)  # ASHA's max_t: the sweep's
+    if eval_epochs is not None:
+        values["train.eval_epochs"] = eval_epochs
+    return base.with_overrides(values)
 
 
 def trial_note(job: Job, sweep_name: str, trial_id: str, sampled: dict[str, Any]) -> str:

@@ -286,7 +286,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "bad_samples": bad_samples.end_epoch(device),
             "resumed_from_epoch": float(resumed_from),
         }
-        evaluate_now = (epoch + 1) % t.eval_every == 0 or epoch + 1 == t.epochs
+        evaluate_now = epoch + 1 == t.epochs or (
+            epoch + 1 in t.eval_epochs if t.eval_epochs is not None else (epoch + 1) % t.eval_every == 0
+        )
         save_now = (epoch + 1) % t.checkpoint_every == 0 or epoch + 1 == t.epochs
         coco, precision, predictions, latency = None, None, None, None
         if evaluate_now:
