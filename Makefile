@@ -62,14 +62,14 @@ bench-e2e: $(STAMP)
 	$(PY) -m benchmarks.e2e
 
 # The demo sweep's wall time split into training and overhead, one trial at a time, evaluating every epoch
-# (before) and only at ASHA's rungs (after) (~25 minutes on 2 quiet cores, estimated): benchmarks/SWEEP.md +
+# (before) and only at ASHA's rungs (after), 6 epochs of 10 steps (~4.5 minutes on 2 quiet cores): benchmarks/SWEEP.md +
 # sweep_overhead.json
 .PHONY: bench-sweep
 bench-sweep: $(STAMP)
 	$(PY) -m benchmarks.sweep_overhead --variants --epochs 6 --steps 10
 
 # On a CUDA GPU: one `retinaops train` of R50 at 800 px in bf16 on generated JPEGs beside the bare step, GPU
-# utilisation and memory (~3 minutes on an H100): a section of benchmarks/GPU_RESULTS.md; its files in $OUT if set
+# utilisation and memory (~3-4 minutes on an H100, estimated: not yet run on one): a section of benchmarks/GPU_RESULTS.md; its files in $OUT if set
 .PHONY: bench-gpu-e2e
 bench-gpu-e2e: $(STAMP)
 	$(PY) -m benchmarks.gpu_e2e $(if $(OUT),--out-dir $(OUT))

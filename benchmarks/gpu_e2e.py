@@ -103,7 +103,7 @@ def job_spec(args: argparse.Namespace, data: Path, cores: int) -> dict[str, Any]
     if args.tiny:
         model = {"backbone": "resnet18", "min_size": 128, "max_size": 160, "size_divisible": 32}
         train = {"batch_size": 2, "max_steps_per_epoch": 2, "eval_max_images": 4, "latency_iters": 2}
-        cpus, loader_workers = 1, 0
+        cpus, loader_workers = 1, 1  # one loader process, as on the GPU: its uint8 images, made float
     else:
         model = {"backbone": "resnet50", "min_size": 800, "max_size": 1333}
         train = {"batch_size": 16, "eval_max_images": 16, "latency_iters": 5}

@@ -46,8 +46,15 @@ ROWS = (  # key, what the row measures
     ("sample_hflip", "training sample, `CocoDataset[i]` with the demo's augment (hflip 0.5)"),
     ("sample_augment", "training sample, crop + resize {resize} + colour + hflip"),
     *(
-        (f"loader_{k}", f"DataLoader, num_workers={k}, demo's augment, batch {{batch}}")
+        (f"loader_{k}", f"DataLoader, num_workers={k}, demo's augment, batch {{batch}}, float32 images")
         for k in LOADER_WORKERS
+    ),
+    *(
+        (
+            f"loader_{k}_uint8",
+            f"DataLoader, num_workers={k}, as above, uint8 images (the Ray worker's loader)",
+        )
+        for k in LOADER_WORKERS[1:]
     ),
 )
 
@@ -133,6 +140,7 @@ def build_cases(
     from retinanet.config import RetinaNetConfig
     from retinanet.data import CocoDataset, collate, read_image
     from retinanet.data.skip import SkipBadSamples
+    from retinanet.data.transforms import AsUint8, to_float
     from retinaops.job.augment import AugmentSpec, ColorSpec, CropSpec, ResizeSpec, build_augment
     from retinaops.job.spec import DataSpec
 
@@ -169,6 +177,18 @@ def build_cases(
             persistent_workers=k > 0,
         )
         cases[f"loader_{k}"] = lambda loader=loader: [len(images) for images, _ in loader]
+        loaders.append(loader)
+    for k in LOADER_WORKERS[1:]:  # what run/worker.py sends from worker processes, made float on arrival
+        loader = DataLoader(
+            AsUint8(SkipBadSamples(train)),
+            batch_size=batch,
+            collate_fn=collate,
+            num_workers=k,
+            persistent_workers=True,
+        )
+        cases[f"loader_{k}_uint8"] = lambda loader=loader: [
+            len([to_float(image) for image in images]) for images, _ in loader
+        ]
         loaders.append(loader)
     return cases, loaders
 

@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": ".venv/bin/python -m benchmarks.sweep_overhead"
             + (" --variants" if args.variants else "")
             + (" --tiny" if args.tiny else "")
-            + (f" --epochs {args.epochs}" if args.epochs != 4 else ""),
+            + (f" --epochs {args.epochs}" if args.epochs != 4 else "")
+            + (f" --steps {args.steps}" if args.steps else ""),
             "spec": os.path.relpath(args.spec, REPO),
             "overrides": [o for o in overrides(args, Path("WORK")) if not o.startswith("data.root")],
             "raw": raw.name,

@@ -1,4 +1,5 @@
-"""Image transforms: resize, normalise, pad to a batch; horizontal flip; the dataloader collate.
+"""Image transforms: resize, normalise, pad to a batch; horizontal flip; the dataloader collate; uint8 images
+for loader worker processes.
 
 Legend: N images, M objects of one image, H/W heights and widths in pixels.
 Boxes are xyxy in pixels throughout.
@@ -87,6 +88,33 @@ def collate(batch: Sequence[tuple[Tensor, dict]]) -> tuple[list[Tensor], list[di
     images = [item[0] for item in batch]
     targets = [item[1] for item in batch]
     return images, targets
+
+
+def to_uint8(image: Tensor) -> Tensor:
+    """A float image in [0, 1] as uint8 (rounded): exact for pixels decoded from 8-bit files and flipped,
+    within half a grey level after resizing or colour jitter. A quarter of the bytes to send."""
+    return image.mul(255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def to_float(image: Tensor) -> Tensor:
+    """A uint8 image as float in [0, 1] (what the model takes); a float image as it is."""
+    return image.float().div_(255) if image.dtype == torch.uint8 else image
+
+
+class AsUint8(torch.utils.data.Dataset):
+    """dataset[i] with its image as uint8 (`to_uint8`), for a DataLoader with worker processes: each
+    image crosses from the worker as shared memory, and at 800 px a float32 one costs more to send than to
+    decode (benchmarks/INPUT.md). The training loop turns it back with `to_float`."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, dict]:
+        image, target = self.dataset[index]
+        return to_uint8(image), target
 
 
 def same_size_batches(

@@ -308,3 +308,25 @@ def test_without_resize_in_training_the_model_trains_at_the_size_given_and_eval_
     assert sizes == [(48, 60)] and torch.equal(targets[0]["boxes"], target["boxes"])
     model.eval()
     assert model.preprocess([image])[1] == [(64, 80)]
+
+
+def test_images_sent_as_uint8_come_back_exact_when_decoded_and_flipped_and_within_half_a_level_after_resizing():
+    """What a Ray worker's loader processes send (AsUint8) and the loop turns back (to_float)."""
+    from retinanet.data.transforms import AsUint8, hflip, resize, to_float, to_uint8
+
+    decoded = torch.randint(0, 256, (3, 40, 60), dtype=torch.uint8).float() / 255  # as read_image gives
+    flipped, _ = hflip(decoded, {"boxes": torch.zeros(0, 4)})
+    assert torch.equal(to_float(to_uint8(flipped)), flipped)
+    resized = resize(decoded, 50, 80)
+    assert (to_float(to_uint8(resized)) - resized).abs().max() <= 0.5 / 255 + 1e-6
+    assert to_float(decoded) is decoded  # a float image is left as it is
+
+    class One(torch.utils.data.Dataset):
+        def __len__(self):
+            return 1
+
+        def __getitem__(self, i):
+            return decoded, {"image_id": 7}
+
+    image, target = AsUint8(One())[0]
+    assert image.dtype == torch.uint8 and target == {"image_id": 7}

@@ -56,10 +56,13 @@ def test_the_summary_divides_a_loaders_rate_by_its_workers_and_counts_cores():
         "loader_0": 45.0,
         "loader_1": 40.0,
         "loader_2": 70.0,
+        "loader_1_uint8": 90.0,
+        "loader_2_uint8": 150.0,
     }
     s = summarize(rates, batch=16, resize="[700, 800, 900] / 1333", gpu_images_per_s=187.4)
     per_core = {r["key"]: r["per_core"] for r in s["rows"]}
     assert per_core["loader_0"] == 45.0 and per_core["loader_1"] == 40.0 and per_core["loader_2"] == 35.0
+    assert per_core["loader_1_uint8"] == 90.0 and per_core["loader_2_uint8"] == 75.0
     assert {r["key"]: r["ratio_to_pil"] for r in s["rows"]}["loader_2"] == pytest.approx(0.35)
     assert (s["per_core"], s["cores"]) == (50.0, 4)
     assert (s["per_core_augment"], s["cores_augment"]) == (10.0, 19)

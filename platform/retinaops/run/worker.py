@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader
 from retinanet import RetinaNet
 from retinanet.data import CocoDataset, collate
 from retinanet.data.skip import SkipBadSamples
+from retinanet.data.transforms import AsUint8, to_float
 from retinanet.evaluate import measure_latency
 from retinaops.job.augment import build_augment
 from retinaops.job.data import SPLITS, original_ground_truth, validated_coco
@@ -188,8 +189,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     net: RetinaNet = ddp_model.module if hasattr(ddp_model, "module") else ddp_model
     net.resize_in_training = spec.data.augment.resize is None  # multi-scale images come resized
 
+    samples = SkipBadSamples(train_ds)  # a file bad since validation: the next sample instead, named
     loader = DataLoader(
-        SkipBadSamples(train_ds),  # a file bad since validation: the next sample instead, named
+        AsUint8(samples) if spec.data.loader_workers > 0 else samples,  # from worker processes: uint8
         batch_size=t.batch_size,
         shuffle=True,
         collate_fn=collate,
@@ -234,6 +236,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             if i >= iters_per_epoch:
                 break
             bad_samples.take(targets, epoch=epoch)
+            images = [
+                to_float(image) for image in images
+            ]  # (on the device) as the loader's workers sent them
             autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
             with autocast:
                 losses = ddp_model(images, targets)
