@@ -10,12 +10,14 @@ image and category ids.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
 import re
+import sys
 import time
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -175,7 +177,7 @@ def coco_eval(
         {"images": list(images), "categories": list(gt.dataset["categories"]), "annotations": dt_anns}
     )
     evaluator = COCOeval(gt, dt, iouType="bbox")
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         evaluator.evaluate()
         evaluator.accumulate()
         evaluator.summarize()
@@ -279,10 +281,29 @@ def _with_area(ann: Mapping[str, Any], index: int) -> dict[str, Any]:
     return out
 
 
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """pycocotools' progress prints, swallowed: stdout redirected, and `print` itself replaced for the
+    while, since a host may have patched it to log whatever stdout is (Ray Train's workers do: every
+    evaluation then logged ~20 lines of it)."""
+    original = builtins.print
+
+    def to_stdout_dropped(*args: Any, file: Any = None, **kwargs: Any) -> None:
+        if file is not None and file is not sys.stdout:
+            original(*args, file=file, **kwargs)
+
+    builtins.print = to_stdout_dropped
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        builtins.print = original
+
+
 def _coco_api(dataset: dict[str, Any]) -> COCO:
     coco = COCO()
     coco.dataset = dataset
-    with contextlib.redirect_stdout(io.StringIO()):
+    with _quiet():
         coco.createIndex()
     return coco
 

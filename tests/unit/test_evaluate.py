@@ -337,3 +337,17 @@ def test_predict_dataset_gives_a_group_norm_model_the_same_detections_at_any_bat
         )
         assert twin is not None, f"no twin in batch 4 for {a}"
         unmatched.remove(twin)
+
+
+def test_pycocotools_prints_nothing_even_where_print_is_patched_to_log(monkeypatch, capsys) -> None:
+    """Ray Train's workers replace `print` with one that logs whatever stdout is: pycocotools' progress
+    lines ("creating index...", the summary table) used to reach every run's log at each evaluation."""
+    import builtins
+
+    seen = []
+    monkeypatch.setattr(builtins, "print", lambda *args, **kwargs: seen.append(args))  # as Ray's does
+    metrics, _ = coco_eval(make_gt(), [result(3, GT_BOX_A), result(9, GT_BOX_B)])
+    assert metrics["AP"] == pytest.approx(1.0) and seen == []
+    assert capsys.readouterr().out == ""
+    print("after")  # the host's print is back
+    assert seen == [("after",)]
