@@ -11,6 +11,7 @@ import os
 import re
 import tempfile
 import time
+from collections.abc import MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,7 +62,20 @@ def storage_of(job: Job) -> StorageLocation:
     return storage
 
 
+# Ray Train's controller polls its workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (Ray's default: 2 s), and
+# every epoch's report and the run's end wait for a poll: at 0.5 s a 3-epoch test run took 39-40 s instead
+# of 46-52 s (README, "Where a run's time goes"). One set in the environment wins. Ray hands it on from the
+# process that calls fit() (the CLI's, or a sweep trial's) to the controller and the workers
+# (ray/train/v2/_internal/constants.py: ENV_VARS_TO_PROPAGATE).
+POLL_INTERVAL = ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+
+
+def quicker_polls(environ: MutableMapping[str, str] = os.environ) -> None:
+    environ.setdefault(*POLL_INTERVAL)
+
+
 def build_trainer(job: Job, *, name: str, callbacks: list, progress: Any = None) -> TorchTrainer:
+    quicker_polls()
     spec, storage = job.spec, storage_of(job)
     resources = spec.scaling.resources_per_worker()
     # The job travels whole, once; a ProgressBoard (progress.py) for rank 0's posts, or None.
