@@ -301,14 +301,15 @@ CHILDREN = "tags.`mlflow.parentRunId` != ''"  # a sweep's trials: the runs with 
 def test_a_sweep_through_an_mlflow_outage_keeps_its_trials_writes_and_sends_them_later(
     own_mlflow, shapes, ray_head, tmp_path
 ):
-    """The same protection for a sweep's trials as for one run: MLflow is stopped after the first trial's
-    epoch 0 and started again once a trial has kept writes on disk; the sweep finishes (exit 0) and every
-    trial's epochs are in MLflow, each once, with nothing left in the journal."""
+    """The same protection for a sweep's trial as for one run: MLflow is stopped after the trial's epoch 0
+    and started again once it has kept writes on disk; the sweep finishes (exit 0) and every epoch of the
+    trial is in MLflow, once, with nothing left in the journal. (One trial: a second one ran after the
+    outage and showed nothing more, for ~25 s of `make test`.)"""
     from sweep_helpers import children, sweep_spec
 
     experiment = "it-reliability-sweep"
     spec = sweep_spec(shapes)
-    spec["sweep"] |= {"search": "random", "num_samples": 2, "max_concurrent": 1}
+    spec["sweep"] |= {"search": "random", "num_samples": 1, "max_concurrent": 1}
     spec["tracking"] = {"experiment": experiment, "tracking_uri": own_mlflow.url}
     spec["storage"] = {"path": str(tmp_path / "storage")}
     (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
@@ -334,7 +335,7 @@ def test_a_sweep_through_an_mlflow_outage_keeps_its_trials_writes_and_sends_them
     (parent_id,) = {r.data.tags["mlflow.parentRunId"] for r in client.search_runs([exp_id], CHILDREN)}
     assert client.get_run(parent_id).info.status == "FINISHED"
     trials = children(client, parent_id)
-    assert len(trials) == 2 and all(t.info.status == "FINISHED" for t in trials)
+    assert len(trials) == 1 and all(t.info.status == "FINISHED" for t in trials)
     for trial in trials:  # every epoch once, the ones written during the outage included
         assert sorted(m.step for m in client.get_metric_history(trial.info.run_id, "loss")) == [0, 1]
     assert not [f for f in (home / "mlflow-journal").glob("*/*.jsonl") if f.stat().st_size]  # all sent
