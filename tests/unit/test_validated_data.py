@@ -177,3 +177,19 @@ def test_evaluation_scores_ap_against_the_whole_annotation_file_and_counts_the_i
     clean = make_synthetic_coco(tmp_path / "clean", num_train=2, num_val=2, num_classes=2, image_size=64)
     clean_job, _ = resolve(tmp_path / "b", clean)
     assert original_ground_truth(clean_job.data, tmp_path, None) is None  # nothing dropped: the validated one
+
+
+def test_the_run_says_how_many_val_annotations_ap_leaves_out_and_not_those_of_images_it_scores(tmp_path):
+    """A val box of width 0 cannot be scored: counted and given as a param. The boxes of a val image whose
+    file is missing are scored (as missed, against the whole file): not counted."""
+    root = make_synthetic_coco(tmp_path / "shapes", num_train=2, num_val=4, num_classes=2, image_size=64)
+    val = json.loads((root / "val.json").read_text())
+    boxed = {a["image_id"] for a in val["annotations"]}
+    gone = next(im for im in val["images"] if im["id"] in boxed)
+    (root / gone["file_name"]).unlink()
+    bad = next(a for a in val["annotations"] if a["image_id"] != gone["id"])
+    bad["bbox"][2] = 0
+    (root / "val.json").write_text(json.dumps(val))
+    job, _ = resolve(tmp_path, root)
+    assert job.data.val_annotations_dropped == 1
+    assert job.params()["data.val_annotations_dropped"] == "1"

@@ -57,6 +57,9 @@ class DataSplits:
     train_dropped_ids: tuple[int, ...] = ()
     """Ids of those images in train: with the annotation file they give the description again (`validated_coco`)."""
     val_dropped_ids: tuple[int, ...] = ()
+    val_annotations_dropped: int = 0
+    """Val annotations the record checks dropped (a malformed or sub-pixel box, an unknown category): no
+    evaluator can score them, so AP leaves them out; the run says how many (its params)."""
 
     @property
     def num_classes(self) -> int:
@@ -122,6 +125,15 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
         file_problems = [p for p in report.problems if p.field == "file_name"]
         dropped += [str(p) for p in file_problems]
         validated[f"{split}_dropped_ids"] = tuple(p.image_id for p in file_problems)
+        if split == "val" and sum(report.dropped_annotations.values()):
+            left_out = report.dropped_annotations
+            if validated["val_dropped_ids"]:  # those of images dropped for their file are scored (missed)
+                left_out = load_coco(local["val_annotations"], "", check_images=False)[1].dropped_annotations
+            if bad := sum(left_out.values()):
+                validated["val_annotations_dropped"] = bad
+                logger.warning(
+                    "%d val annotations left out of AP, no evaluator can score them: %s", bad, dict(left_out)
+                )
     train_cats, val_cats = (sorted(c["id"] for c in coco["categories"]) for coco in cocos)
     if train_cats != val_cats:
         problem = f"data: train and val name different categories ({train_cats} vs {val_cats})"

@@ -123,6 +123,7 @@ class Job:
             "data.fingerprint": self.data.fingerprint,
             "data.class_names": list(self.data.class_names),
             "data.dropped_images": self.data.num_dropped,
+            "data.val_annotations_dropped": self.data.val_annotations_dropped,
             "storage.resolved": redact(self.where.storage_path),
             "derived.global_batch_size": self.spec.global_batch_size,
             "derived.effective_lr": self.spec.effective_lr,
