@@ -213,11 +213,9 @@ def coco_eval_unread(
     unread = {int(i) for i in unread}
     metrics["unread_images"] = float(len(unread))
     if unread:
-        readable = {
-            **coco_gt,
-            "images": [im for im in coco_gt["images"] if im["id"] not in unread],
-            "annotations": [a for a in coco_gt.get("annotations") or [] if a["image_id"] not in unread],
-        }
+        from retinanet.data.coco import coco_subset
+
+        readable = coco_subset(dict(coco_gt), lambda image_id: image_id not in unread)
         metrics["AP_readable"] = coco_eval(readable, results)[0]["AP"] if readable["images"] else 0.0
     return metrics, precision
 

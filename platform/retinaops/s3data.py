@@ -89,10 +89,7 @@ def list_objects(uri: str, endpoint: str | None, client=None) -> dict[str, S3Obj
     where = f"{uri} (endpoint {endpoint or 'AWS'})"
     if key:
         with contextlib.suppress(FileNotFoundError):
-            look = f"look up {where}"
-            head = with_storage_retries(
-                lambda: _s3_call(lambda: client.head_object(Bucket=bucket, Key=key), look), look
-            )
+            head = _retried(lambda: client.head_object(Bucket=bucket, Key=key), f"look up {where}")
             return {posixpath.basename(key): S3Object(key, head["ContentLength"], head["ETag"].strip('"'))}
     prefix = f"{key}/" if key else ""
     found: dict[str, S3Object] = {}
@@ -105,7 +102,7 @@ def list_objects(uri: str, endpoint: str | None, client=None) -> dict[str, S3Obj
                 if name and not name.endswith("/"):
                     found[name] = S3Object(item["Key"], item["Size"], item["ETag"].strip('"'))
 
-    with_storage_retries(lambda: _s3_call(list_all, f"list {where}"), f"list {where}")
+    _retried(list_all, f"list {where}")
     if not found:
         raise FileNotFoundError(f"{uri}: nothing at this S3 location (endpoint {endpoint or 'AWS'})")
     return found
@@ -257,6 +254,11 @@ def _fetch(client, bucket: str, obj: S3Object, dest: Path) -> None:
             f"s3://{bucket}/{obj.key}: content's MD5 {digest.hexdigest()} is not its ETag {obj.etag}"
         )
     part.replace(dest)
+
+
+def _retried(action, what: str):
+    """One S3 request with `_s3_call`'s errors, retried with backoff as storage transfers are."""
+    return with_storage_retries(lambda: _s3_call(action, what), what)
 
 
 def _chunks(body, what: str) -> Iterator[bytes]:

@@ -21,7 +21,7 @@ from retinanet.data.images import MAX_IMAGE_PIXELS, read_image
 from retinanet.data.validate import Problem, ValidationReport, Validator, read_json
 from retinanet.layout import split_file
 
-__all__ = ["CocoDataset", "Problem", "ValidationReport", "load_coco", "read_image"]
+__all__ = ["CocoDataset", "Problem", "ValidationReport", "coco_subset", "load_coco", "read_image"]
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def load_coco(
     max_image_pixels: int = MAX_IMAGE_PIXELS,
     drop_image_ids: Collection[int] = (),
     listed: Collection[str] | None = None,
+    source: str | None = None,
 ) -> tuple[dict[str, Any], ValidationReport]:
     """Validate a COCO detection file; return the cleaned COCO dict and the report.
 
@@ -49,13 +50,14 @@ def load_coco(
     truncation); False looks at no file. drop_image_ids are dropped as they are, unchecked (those a check
     of the files found bad before). listed: with "exists", the names (relative to images_dir, '/'-separated)
     of the files that exist, for images not in a local folder (an S3 listing); images_dir then only names
-    them in messages.
+    them in messages. source: how messages name the annotation file (default: its path), e.g. the s3:// URI
+    of a cached copy.
     """
     if not 0 < max_image_pixels <= MAX_IMAGE_PIXELS:
         raise ValueError(f"max_image_pixels: expected 1 to {MAX_IMAGE_PIXELS}, got {max_image_pixels}")
     if check_images not in (True, False, "exists"):
         raise ValueError(f"check_images: expected True, False or 'exists', got {check_images!r}")
-    report = ValidationReport(file=str(annotations_path))
+    report = ValidationReport(file=source or str(annotations_path))
     data = read_json(Path(annotations_path), report.file)
     checks = Validator(report)
     checks.check_categories(data["categories"])
@@ -85,6 +87,15 @@ def load_coco(
         "categories": list(checks.categories.values()),
     }
     return cleaned, report
+
+
+def coco_subset(coco: dict[str, Any], keep: Callable[[int], bool]) -> dict[str, Any]:
+    """The COCO dict with only the images whose id `keep` accepts, and their annotations."""
+    return {
+        **coco,
+        "images": [im for im in coco["images"] if keep(im["id"])],
+        "annotations": [a for a in coco.get("annotations") or [] if keep(a["image_id"])],
+    }
 
 
 class CocoDataset(torch.utils.data.Dataset):

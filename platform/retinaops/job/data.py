@@ -107,10 +107,8 @@ def resolve_data(spec: JobSpec, cache_dir: str | Path, endpoint: str | None) -> 
             check_images="exists" if quick else True,
             max_image_pixels=spec.data.max_image_pixels,
             listed=listed,
+            source=located[f"{split}_annotations"],  # as the spec names it, not its cached copy
         )
-        if is_s3(located[f"{split}_annotations"]):  # name the file as the spec does, not its cached copy
-            for problem in report.problems:
-                problem.file = located[f"{split}_annotations"]
         if not coco["images"]:
             problem = f"data.{split}: {local[f'{split}_annotations']} has no usable images"
             raise SpecError(spec.source, [problem])

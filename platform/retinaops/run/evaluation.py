@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 
 from retinanet import RetinaNet
 from retinanet.data import CocoDataset, collate
+from retinanet.data.coco import coco_subset
 from retinanet.data.transforms import same_size_batches
 from retinanet.evaluate import coco_eval_unread, to_coco_results
 from retinanet.fuse import fuse_frozen_bn
@@ -82,11 +83,7 @@ def evaluate_distributed(
     gt = ground_truth or dataset.coco
     if max_images:
         keep_ids = {dataset.image_ids[i] for i in indices}
-        gt = {
-            **gt,
-            "images": [im for im in gt["images"] if im["id"] in keep_ids],
-            "annotations": [a for a in gt["annotations"] if a["image_id"] in keep_ids],
-        }
+        gt = coco_subset(gt, keep_ids.__contains__)
     dropped = {im["id"] for im in gt["images"]} - set(dataset.image_ids)
     for image_id, why in all_unread:
         logger.warning("evaluation: image %d not read, counted as without detections: %s", image_id, why)

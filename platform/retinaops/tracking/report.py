@@ -46,6 +46,7 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
 
     from retinanet import RetinaNet
     from retinanet.data import CocoDataset
+    from retinanet.data.coco import coco_subset
     from retinanet.draw import draw_detections
     from retinaops.job.data import read_validated
     from retinaops.s3data import materialize
@@ -60,8 +61,7 @@ def draw_samples(model_file: Path, job, out_dir: Path, count: int = 4) -> list[P
         names=[i["file_name"] for i in first],
     )
     ids = {image["id"] for image in first}
-    drawn = {**coco, "images": first, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
-    dataset = CocoDataset.from_coco(drawn, images, source=data.val_annotations)
+    dataset = CocoDataset.from_coco(coco_subset(coco, ids.__contains__), images, source=data.val_annotations)
     model = RetinaNet.load(model_file).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
